@@ -1,0 +1,75 @@
+"""astm: asyncio-native transactional state.
+
+Refs changed together by transactions that retry on conflict, atoms, a
+timeline of immutable db values, and blocking retry. See the user guide in
+``docs/``.
+"""
+
+from ._atom import Atom as Atom
+from ._db import Change as Change
+from ._db import Db as Db
+from ._db import TxReport as TxReport
+from ._errors import AstmError as AstmError
+from ._errors import AtomInTransactionError as AtomInTransactionError
+from ._errors import CommuteConflictError as CommuteConflictError
+from ._errors import HistoryUnavailable as HistoryUnavailable
+from ._errors import IOInTransactionError as IOInTransactionError
+from ._errors import MutableValueError as MutableValueError
+from ._errors import NotInTransactionError as NotInTransactionError
+from ._errors import RetryLimitExceeded as RetryLimitExceeded
+from ._errors import StoreClosed as StoreClosed
+from ._errors import StoreMismatchError as StoreMismatchError
+from ._errors import SyncTimeout as SyncTimeout
+from ._errors import ValidationError as ValidationError
+from ._ref import Ref as Ref
+from ._run import run as run
+from ._store import Stats as Stats
+from ._store import Store as Store
+from ._tx import after_commit as after_commit
+from ._tx import check as check
+from ._tx import in_transaction as in_transaction
+from ._tx import io as io
+from ._tx import or_else as or_else
+from ._tx import retry as retry
+from ._tx import transactional as transactional
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AstmError",
+    "Atom",
+    "AtomInTransactionError",
+    "Change",
+    "CommuteConflictError",
+    "Db",
+    "HistoryUnavailable",
+    "IOInTransactionError",
+    "MutableValueError",
+    "NotInTransactionError",
+    "Ref",
+    "RetryLimitExceeded",
+    "Stats",
+    "Store",
+    "StoreClosed",
+    "StoreMismatchError",
+    "SyncTimeout",
+    "TxReport",
+    "ValidationError",
+    "after_commit",
+    "check",
+    "in_transaction",
+    "io",
+    "or_else",
+    "retry",
+    "run",
+    "transactional",
+]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("astm."):
+        try:
+            _obj.__module__ = "astm"
+        except (AttributeError, TypeError):  # pragma: no cover - builtins
+            pass
+del _name, _obj

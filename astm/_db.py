@@ -1,0 +1,107 @@
+"""Db values and commit reports: the store as a timeline of immutable values.
+
+A :class:`Db` is the value of the whole store at one basis ``t``. It never
+changes, whatever commits later: while it is alive it *pins* ``t`` so the
+versions it needs are kept, and dropping it releases them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar, overload
+
+from ._errors import HistoryUnavailable
+
+if TYPE_CHECKING:
+    from ._ref import Ref
+    from ._store import Store
+
+__all__ = ["Change", "Db", "TxReport"]
+
+T = TypeVar("T")
+D = TypeVar("D")
+R = TypeVar("R")
+
+
+class Db:
+    """The immutable value of a store at basis ``t``: ``db[ref]``, ``db.get(ref)``, ``ref in db``."""
+
+    __slots__ = ("_store", "t", "_pinned")
+
+    def __init__(self, store: Store, t: int, pinned: bool) -> None:
+        self._store = store
+        #: the basis: the last commit this value includes
+        self.t = t
+        self._pinned = pinned
+
+    def __del__(self) -> None:
+        # no lock here: __del__ may run inside a commit; the store drains this queue
+        if self._pinned:
+            self._store._unpins.append(self.t)
+
+    def _version(self, ref: Ref[T]) -> tuple[int, T] | None:
+        if ref._store is not self._store:
+            raise ValueError(f"ref {ref.name!r} belongs to another store than this db value")
+        t = self.t
+        if ref._created > t:
+            return None
+        cur = ref._cur
+        if cur[0] <= t:
+            return cur
+        h = ref._hist
+        if h is not None:
+            for i in range(len(h) - 1, -1, -1):
+                v = h[i]
+                if v[0] <= t:
+                    return v
+        raise HistoryUnavailable(t, self._store._oldest, "db value")
+
+    def __getitem__(self, ref: Ref[T]) -> T:
+        v = self._version(ref)
+        if v is None:
+            raise KeyError(f"ref {ref.name!r} did not exist yet at t={self.t}")
+        return v[1]
+
+    @overload
+    def get(self, ref: Ref[T]) -> T | None: ...
+    @overload
+    def get(self, ref: Ref[T], default: D) -> T | D: ...
+    def get(self, ref: Ref[T], default: Any = None) -> Any:
+        """The ref's value at ``t``, or ``default`` if it did not exist yet."""
+        v = self._version(ref)
+        return default if v is None else v[1]
+
+    def __contains__(self, ref: object) -> bool:
+        from ._ref import Ref
+
+        return isinstance(ref, Ref) and ref._store is self._store and ref._created <= self.t
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Db) and other._store is self._store and other.t == self.t
+
+    def __hash__(self) -> int:
+        return hash((id(self._store), self.t))
+
+    def __repr__(self) -> str:
+        return f"<astm.Db t={self.t}>"
+
+
+class Change(NamedTuple):
+    """One ref changed by a commit."""
+
+    ref: Ref[Any]
+    old: Any
+    new: Any
+
+
+@dataclass(frozen=True, slots=True)
+class TxReport(Generic[R]):
+    """What one commit did: its ``t``, the body's result, the db before and after, the changes."""
+
+    t: int
+    result: R
+    db_before: Db
+    db_after: Db
+    changes: tuple[Change, ...]
+    #: wall-clock time of the commit (seconds since the epoch)
+    time: float

@@ -1,0 +1,200 @@
+"""Every error astm raises, in one place.
+
+The tree::
+
+    AstmError
+    ├── NotInTransactionError (RuntimeError)   a transactional operation outside a transaction
+    ├── IOInTransactionError (RuntimeError)    an @astm.io function called inside one
+    ├── AtomInTransactionError (RuntimeError)  atom.swap/reset inside a transaction
+    ├── MutableValueError (TypeError)          list/dict/set/bytearray offered as a ref value
+    ├── StoreMismatchError (ValueError)        one transaction touching refs of two stores
+    ├── CommuteConflictError (RuntimeError)    set/alter after commute on the same ref
+    ├── ValidationError (ValueError)           a validator refused a new value
+    ├── RetryLimitExceeded                     a transaction kept conflicting
+    ├── HistoryUnavailable (LookupError)       as_of / reports beyond retention
+    ├── SyncTimeout (TimeoutError)             sync(t) waited too long
+    └── StoreClosed (RuntimeError)             work submitted to a closed store
+
+Private control-flow signals (``_Conflict``, ``_Blocked``) derive from
+``BaseException`` so that ``except Exception:`` in a transaction body cannot
+swallow them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = [
+    "AstmError",
+    "AtomInTransactionError",
+    "CommuteConflictError",
+    "HistoryUnavailable",
+    "IOInTransactionError",
+    "MutableValueError",
+    "NotInTransactionError",
+    "RetryLimitExceeded",
+    "StoreClosed",
+    "StoreMismatchError",
+    "SyncTimeout",
+    "ValidationError",
+]
+
+
+class AstmError(Exception):
+    """Base class of every error astm raises."""
+
+
+class NotInTransactionError(AstmError, RuntimeError):
+    """Raised when ``set``/``alter``/``commute``/``ensure``/``retry`` is used outside a transaction."""
+
+    def __init__(self, operation: str) -> None:
+        self.operation = operation
+        super().__init__(
+            f"{operation} can only be called inside a transaction; "
+            "wrap the change in a function decorated with @astm.transactional "
+            "or run it with `await store.atomically(fn)`"
+        )
+
+
+class IOInTransactionError(AstmError, RuntimeError):
+    """Raised when a function marked with ``@astm.io`` is called inside a transaction."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"{name}() is marked @astm.io (it has side effects) and was called inside a "
+            "transaction, whose body may run more than once; call it after the "
+            "transaction commits, or register it with astm.after_commit(...)"
+        )
+
+
+class AtomInTransactionError(AstmError, RuntimeError):
+    """Raised when ``atom.swap``/``atom.reset`` is called inside a transaction."""
+
+    def __init__(self, name: str, operation: str) -> None:
+        self.name = name
+        super().__init__(
+            f"atom {name!r}: {operation}() was called inside a transaction; a retried "
+            "body would apply it twice. Use a ref (store.ref) for state that changes "
+            "with the transaction, or change the atom after the transaction commits"
+        )
+
+
+class MutableValueError(AstmError, TypeError):
+    """Raised when a mutable built-in (list, dict, set, bytearray) is offered as a value."""
+
+    _SUGGEST: tuple[tuple[type, str], ...] = (
+        (list, "pyrsistent.pvector(...) or a tuple"),
+        (dict, "pyrsistent.pmap(...)"),
+        (set, "pyrsistent.pset(...) or a frozenset"),
+        (bytearray, "bytes"),
+    )
+
+    def __init__(self, where: str, value: object) -> None:
+        self.value = value
+        suggestion = next(
+            (s for kind, s in self._SUGGEST if isinstance(value, kind)), "an immutable value"
+        )
+        super().__init__(
+            f"{where}: values must be immutable, got a {type(value).__name__}. "
+            f"Use {suggestion} instead (pyrsistent collections, tuples and frozen "
+            "dataclasses are all fine); a mutable value could change under a "
+            "transaction that already read it"
+        )
+
+
+class StoreMismatchError(AstmError, ValueError):
+    """Raised when one transaction touches refs that belong to two different stores."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"ref {name!r} belongs to a different store than the other refs of this "
+            "transaction; a transaction commits to exactly one store"
+        )
+
+
+class CommuteConflictError(AstmError, RuntimeError):
+    """Raised when ``set``/``alter`` follows ``commute`` on the same ref in one transaction."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"ref {name!r} was commuted earlier in this transaction and cannot now be "
+            "set or altered (its commutes are re-applied at commit); use alter for "
+            "every change to it in this transaction"
+        )
+
+
+class ValidationError(AstmError, ValueError):
+    """Raised when a validator refuses a ref's new value; the transaction committed nothing."""
+
+    def __init__(self, name: str, value: object, reason: str | None = None) -> None:
+        self.name = name
+        self.value = value
+        detail = f": {reason}" if reason else ""
+        super().__init__(
+            f"validator of {name!r} refused the value {value!r}{detail}; "
+            "the transaction was aborted and nothing was committed"
+        )
+
+
+class RetryLimitExceeded(AstmError):
+    """Raised when a transaction conflicted on every one of its allowed attempts."""
+
+    def __init__(self, attempts: int, conflicts: Mapping[str, int]) -> None:
+        self.attempts = attempts
+        self.conflicts = dict(conflicts)
+        hot = ", ".join(
+            f"{name!r} ({n}x)" for name, n in sorted(self.conflicts.items(), key=lambda kv: -kv[1])[:5]
+        )
+        super().__init__(
+            f"transaction gave up after {attempts} attempts; it conflicted on {hot or 'no ref'}. "
+            "Keep the body short, split the hot ref, use commute for order-free updates, "
+            "or raise retry_limit"
+        )
+
+
+class HistoryUnavailable(AstmError, LookupError):
+    """Raised when a ``t`` asked for is older than the history the store still keeps."""
+
+    def __init__(self, t: int, oldest: int, what: str = "as_of") -> None:
+        self.t = t
+        self.oldest = oldest
+        super().__init__(
+            f"{what}({t}): that point is no longer retained; the oldest t available is "
+            f"{oldest}. Resume from a fresh db value (store.db()) or keep more history "
+            "(Store(history=..., history_seconds=...))"
+        )
+
+
+class SyncTimeout(AstmError, TimeoutError):
+    """Raised when ``store.sync(t, timeout=...)`` runs out of time before the store reaches ``t``."""
+
+    def __init__(self, t: int, basis: int, timeout: float) -> None:
+        self.t = t
+        self.basis = basis
+        super().__init__(
+            f"sync({t}) timed out after {timeout:g}s: this store is at t={basis}, "
+            f"{t - basis} commit(s) behind"
+        )
+
+
+class StoreClosed(AstmError, RuntimeError):
+    """Raised when work is submitted to a store that is closing or closed."""
+
+    def __init__(self, what: str = "the store") -> None:
+        super().__init__(f"{what} is closed; open a new Store to continue")
+
+
+class _Conflict(BaseException):  # noqa: N818  (a control-flow signal, not an error)
+    """Internal: this attempt must retry because these refs conflicted."""
+
+    __slots__ = ("refs", "fault")
+
+    def __init__(self, refs: Iterable[Any], fault: bool = False) -> None:
+        self.refs = tuple(refs)
+        self.fault = fault
+
+
+class _Blocked(BaseException):  # noqa: N818
+    """Internal: the body called astm.retry(); wait for a change to what it read."""

@@ -1,0 +1,159 @@
+"""Refs: named identities whose changes are coordinated by transactions.
+
+A ref only holds its state (the newest committed version, a short history, its
+validator and watches); every operation is handed to the current transaction.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._errors import NotInTransactionError
+from ._tx import Transaction, _current
+from ._waiter import Waiter
+
+if TYPE_CHECKING:
+    from ._store import Store
+
+__all__ = ["Ref"]
+
+T = TypeVar("T")
+
+Watch = Callable[[Any, "Ref[Any]", Any, Any], Any]
+
+
+class Ref(Generic[T]):
+    """A named identity in a store whose value changes only inside transactions.
+
+    Read it anywhere with ``get()``; inside a transaction change it with
+    ``set``, ``alter`` and ``commute``, guard a read with ``ensure``. Create
+    refs with ``store.ref(name, initial)``.
+    """
+
+    __slots__ = (
+        "_store",
+        "name",
+        "_cur",
+        "_hist",
+        "_keep",
+        "_validator",
+        "_watches",
+        "_waiters",
+        "_claim",
+        "_queue",
+        "_heat",
+        "_conflicts",
+        "_ord",
+        "_created",
+        "__weakref__",
+    )
+
+    def __init__(
+        self,
+        store: Store,
+        name: str,
+        value: T,
+        validator: Callable[[T], bool] | None,
+        ordinal: int,
+        created: int,
+    ) -> None:
+        self._store = store
+        self.name = name
+        #: newest committed version: (t, value); t 0 means "since creation"
+        self._cur: tuple[int, T] = (0, value)
+        #: older versions (oldest first) that some reader may still need
+        self._hist: deque[tuple[int, T]] | None = None
+        self._keep = 0
+        self._validator = validator
+        self._watches: dict[Any, Watch] | None = None
+        self._waiters: set[Waiter] | None = None
+        self._claim: Transaction | None = None
+        self._queue: deque[tuple[Transaction, Waiter]] | None = None
+        self._heat = 0
+        self._conflicts = 0
+        self._ord = ordinal
+        self._created = created
+
+    @property
+    def store(self) -> Store:
+        """The store this ref belongs to."""
+        return self._store
+
+    def get(self) -> T:
+        """The in-transaction value inside a transaction (checked at commit), else the newest committed value."""
+        tx = _current.get()
+        if tx is None:
+            return self._cur[1]
+        return tx.get(self)  # type: ignore[no-any-return]
+
+    def peek(self) -> T:
+        """Read without making the transaction depend on it (not checked at commit).
+
+        Inside a transaction this is a consistent snapshot read that another
+        commit may overwrite without causing a retry, so a decision based on it
+        can suffer write skew; outside, it equals ``get()``.
+        """
+        tx = _current.get()
+        if tx is None:
+            return self._cur[1]
+        return tx.peek(self)  # type: ignore[no-any-return]
+
+    def set(self, value: T) -> T:
+        """Set the in-transaction value (Clojure's ``ref-set``); conflicts with any other commit to this ref."""
+        tx = _current.get()
+        if tx is None:
+            raise NotInTransactionError(f"ref {self.name!r}: set()")
+        return tx.set(self, value)  # type: ignore[no-any-return]
+
+    def alter(self, fn: Callable[..., T], *args: Any) -> T:
+        """Set the in-transaction value to ``fn(value, *args)``; returns it."""
+        tx = _current.get()
+        if tx is None:
+            raise NotInTransactionError(f"ref {self.name!r}: alter()")
+        return tx.alter(self, fn, args)  # type: ignore[no-any-return]
+
+    def commute(self, fn: Callable[..., T], *args: Any) -> T:
+        """Apply an order-free update: ``fn`` is re-applied to the newest value at commit.
+
+        Never a cause of retry. Use it only when the order of updates cannot
+        matter (counters, adding to a set).
+        """
+        tx = _current.get()
+        if tx is None:
+            raise NotInTransactionError(f"ref {self.name!r}: commute()")
+        return tx.commute(self, fn, args)  # type: ignore[no-any-return]
+
+    def ensure(self) -> T:
+        """Read the ref and guarantee no other commit changes it before this one."""
+        tx = _current.get()
+        if tx is None:
+            raise NotInTransactionError(f"ref {self.name!r}: ensure()")
+        return tx.ensure(self)  # type: ignore[no-any-return]
+
+    @property
+    def validator(self) -> Callable[[T], bool] | None:
+        return self._validator
+
+    def add_watch(self, key: Any, fn: Callable[[Any, Ref[T], T, T], Any]) -> None:
+        """Call ``fn(key, ref, old, new)`` after every commit that changes this ref.
+
+        Watches run outside the transaction, in the committing task, after the
+        commit; a failing watch is logged and does not undo anything.
+        """
+        if not callable(fn):
+            raise TypeError(f"add_watch(key, fn): fn must be callable, got {fn!r}")
+        if self._watches is None:
+            self._watches = {}
+        self._watches[key] = fn
+
+    def remove_watch(self, key: Any) -> None:
+        if self._watches is not None:
+            self._watches.pop(key, None)
+            if not self._watches:
+                self._watches = None
+
+    def __repr__(self) -> str:
+        t, v = self._cur
+        return f"<astm.Ref {self.name!r} t={t} value={v!r}>"

@@ -1,0 +1,391 @@
+"""The store: a named set of refs and atoms, and their timeline of commits."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from heapq import heappush
+from itertools import islice
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+
+from ._atom import Atom
+from ._db import Change, Db, TxReport
+from ._errors import HistoryUnavailable, StoreClosed, SyncTimeout
+from ._ref import Ref
+from ._tx import _current, _validate_value, pin_floor, prune_history, run_transaction
+from ._values import check_value
+from ._waiter import Waiter
+
+__all__ = ["Stats", "Store"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: a log entry: (t, wall-clock time, [(ref, old, new), ...])
+LogEntry = tuple[int, float, list[tuple[Ref[Any], Any, Any]]]
+
+_SWEEP_EVERY = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Counters of a store since it opened (``store.stats()``)."""
+
+    #: commits that advanced t
+    commits: int
+    #: body runs, including read-only transactions and retried attempts
+    attempts: int
+    #: attempts discarded because of a conflict
+    retries: int
+    #: retries caused by history a reader needed and no longer had
+    faults: int
+    #: times a transaction waited in astm.retry()
+    blocked: int
+    #: the refs that caused the most conflicts: (name, count), most first
+    conflicts: tuple[tuple[str, int], ...]
+
+
+class Store:
+    """A transactional store of refs and atoms with a timeline of commits.
+
+    ``Store()`` keeps everything in this process's memory. ``history`` and
+    ``history_seconds`` set how much of the past stays readable through
+    ``as_of`` and ``reports(since=...)``: a commit is kept while it is among the
+    newest ``history`` commits or younger than ``history_seconds``.
+    ``retry_limit`` bounds the attempts of every transaction (per call with
+    ``atomically(..., retry_limit=...)``).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        history: int = 1000,
+        history_seconds: float | None = None,
+        retry_limit: int = 10_000,
+    ) -> None:
+        if url is not None and url not in ("memory:", "memory://"):
+            raise ValueError(
+                f"unsupported store URL {url!r}: this version of astm provides the "
+                "in-memory store only (Store() or Store('memory://'))"
+            )
+        if not isinstance(history, int) or history < 0:
+            raise ValueError(f"history must be a non-negative number of commits, got {history!r}")
+        if history_seconds is not None and not history_seconds >= 0:
+            raise ValueError(f"history_seconds must be >= 0 or None, got {history_seconds!r}")
+        if not isinstance(retry_limit, int) or retry_limit < 1:
+            raise ValueError(f"retry_limit must be a positive int, got {retry_limit!r}")
+        self.url = url or "memory://"
+        self._lock = threading.Lock()
+        self._t = 0
+        self._refs: dict[str, Ref[Any]] = {}
+        self._atoms: dict[str, Atom[Any]] = {}
+        self._closed = False
+        self._history = history
+        self._history_seconds = history_seconds
+        self._time_floor = 0 if history_seconds is not None else math.inf
+        self._oldest = 0
+        self._pins: dict[int, int] = {}
+        self._pin_heap: list[int] = []
+        self._unpins: deque[int] = deque()
+        self._log: deque[LogEntry] = deque()
+        self._versioned: set[Ref[Any]] = set()
+        self._last_sweep = (0, time.monotonic())
+        self._tick: list[Waiter] = []
+        self._nclaims = 0
+        self._retry_limit = retry_limit
+        self._commits = 0
+        self._attempts = 0
+        self._retries = 0
+        self._faults = 0
+        self._blocked = 0
+
+    # -- identities ----------------------------------------------------------
+
+    def ref(self, name: str, initial: T, validator: Callable[[T], bool] | None = None) -> Ref[T]:
+        """Get the ref called ``name``, creating it with ``initial`` if it is new.
+
+        The same name always gives the same ref. A ``validator`` given for an
+        existing ref replaces its validator (validators are code, not state) and
+        must accept the current value.
+        """
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a ref name must be a non-empty str, got {name!r}")
+        with self._lock:
+            r = self._refs.get(name)
+            if r is None:
+                if name in self._atoms:
+                    raise ValueError(f"{name!r} already names an atom in this store; pick another name")
+                check_value(initial, name)
+                if validator is not None:
+                    _validate_value(name, validator, initial)
+                r = Ref(self, name, initial, validator, len(self._refs), self._t)
+                self._refs[name] = r
+                return r
+        if validator is not None and validator is not r._validator:
+            _validate_value(name, validator, r._cur[1])
+            r._validator = validator
+        return r
+
+    def atom(self, name: str, initial: T, validator: Callable[[T], bool] | None = None) -> Atom[T]:
+        """Get the atom called ``name``, creating it with ``initial`` if it is new."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"an atom name must be a non-empty str, got {name!r}")
+        with self._lock:
+            a = self._atoms.get(name)
+            if a is None:
+                if name in self._refs:
+                    raise ValueError(f"{name!r} already names a ref in this store; pick another name")
+                a = self._atoms[name] = Atom(name, initial, validator)
+        return a
+
+    def refs(self) -> dict[str, Ref[Any]]:
+        """Every ref of this store by name (a copy)."""
+        return dict(self._refs)
+
+    # -- transactions ----------------------------------------------------------
+
+    async def atomically(
+        self, fn: Callable[..., Any], /, *args: Any, retry_limit: int | None = None, **kwargs: Any
+    ) -> Any:
+        """Run ``fn(*args, **kwargs)`` as a transaction on this store; returns its result.
+
+        ``fn`` may be ``async def`` or plain ``def``. Inside another transaction
+        it joins that one.
+        """
+        return (await run_transaction(self, fn, args, kwargs, retry_limit))[0]
+
+    async def transact(
+        self, fn: Callable[..., R], /, *args: Any, retry_limit: int | None = None, **kwargs: Any
+    ) -> TxReport[Any]:
+        """Like ``atomically`` but returns the commit's :class:`TxReport`.
+
+        A read-only body commits nothing; its report has ``db_before ==
+        db_after`` at the read point and no changes.
+        """
+        if _current.get() is not None:
+            raise RuntimeError(
+                "store.transact() reports one commit and cannot run inside another "
+                "transaction; use store.atomically() to join the outer transaction"
+            )
+        result, tx, t, changes = await run_transaction(self, fn, args, kwargs, retry_limit, report=True)
+        if t is None:
+            rp = tx.rp
+            db = Db(self, rp, True)
+            return TxReport(rp, result, db, db, (), time.time())
+        assert changes is not None
+        return TxReport(
+            t,
+            result,
+            Db(self, t - 1, True),
+            Db(self, t, True),
+            tuple(Change(r, o, n) for r, o, n in changes),
+            time.time(),
+        )
+
+    # -- the timeline ------------------------------------------------------------
+
+    @property
+    def t(self) -> int:
+        """The basis t: the newest commit visible in this store."""
+        return self._t
+
+    def db(self) -> Db:
+        """The immutable value of the store now."""
+        with self._lock:
+            t = self._t
+            self._pin(t)
+        return Db(self, t, True)
+
+    def as_of(self, t: int) -> Db:
+        """The value of the store at an earlier ``t``, while history retention covers it."""
+        if not isinstance(t, int) or isinstance(t, bool):
+            raise TypeError(f"as_of(t): t must be an int, got {t!r}")
+        with self._lock:
+            if t > self._t:
+                raise ValueError(
+                    f"as_of({t}): t is ahead of this store (t={self._t}); "
+                    "use `await store.sync(t)` to wait for it"
+                )
+            if t < self._oldest:
+                raise HistoryUnavailable(t, self._oldest)
+            self._pin(t)
+        return Db(self, t, True)
+
+    async def sync(self, t: int, timeout: float | None = None) -> Db:
+        """A db value whose basis includes ``t``, waiting while this store is behind it."""
+        if not isinstance(t, int) or isinstance(t, bool):
+            raise TypeError(f"sync(t): t must be an int, got {t!r}")
+        try:
+            with anyio.fail_after(timeout):
+                while True:
+                    w = Waiter()
+                    with self._lock:
+                        if self._t >= t:
+                            now = self._t
+                            self._pin(now)
+                            return Db(self, now, True)
+                        if self._closed:
+                            raise StoreClosed()
+                        self._tick.append(w)
+                    await w.wait()
+        except TimeoutError:
+            assert timeout is not None
+            raise SyncTimeout(t, self._t, timeout) from None
+
+    async def reports(self, since: int | None = None) -> AsyncIterator[TxReport[None]]:
+        """Yield one :class:`TxReport` per commit after ``since`` (default: from now on), in order.
+
+        Lossless and resumable: pass the ``t`` of the last report you handled.
+        A consumer that falls further behind than the store's history gets
+        ``HistoryUnavailable`` rather than a gap. Reports carry no ``result``.
+        """
+        pos = self._t if since is None else since
+        if not isinstance(pos, int) or isinstance(pos, bool) or pos < 0:
+            raise TypeError(f"reports(since): since must be a non-negative int, got {since!r}")
+        while True:
+            batch: list[TxReport[None]] = []
+            w = None
+            with self._lock:
+                log = self._log
+                if pos < self._t:
+                    first = log[0][0] if log else self._t + 1
+                    if pos + 1 < first:
+                        raise HistoryUnavailable(pos, first - 1, "reports(since)")
+                    for t, when, changes in islice(log, pos + 1 - first, None):
+                        self._pin(t - 1)
+                        self._pin(t)
+                        batch.append(
+                            TxReport(
+                                t,
+                                None,
+                                Db(self, t - 1, True),
+                                Db(self, t, True),
+                                tuple(Change(r, o, n) for r, o, n in changes),
+                                when,
+                            )
+                        )
+                elif self._closed:
+                    return
+                else:
+                    w = Waiter()
+                    self._tick.append(w)
+            if w is not None:
+                await w.wait()
+                continue
+            for rep in batch:
+                pos = rep.t
+                yield rep
+
+    # -- internal: history -------------------------------------------------------
+
+    def _pin(self, t: int) -> None:
+        """Keep the versions db values at ``t`` need (call under the lock)."""
+        pins = self._pins
+        c = pins.get(t)
+        if c:
+            pins[t] = c + 1
+        else:
+            pins[t] = 1
+            heappush(self._pin_heap, t)
+
+    def _floor(self, t: int) -> int:
+        """The oldest basis that must stay readable once ``t`` commits (under the lock)."""
+        floor = t - self._history
+        if self._time_floor < floor:
+            floor = int(self._time_floor)
+        unpins = self._unpins
+        if unpins:
+            pins = self._pins
+            while unpins:
+                p = unpins.popleft()
+                c = pins[p] - 1
+                if c:
+                    pins[p] = c
+                else:
+                    del pins[p]
+        if self._pin_heap:
+            p = pin_floor(self._pins, self._pin_heap)
+            if p is not None and p < floor:
+                floor = p
+        return floor
+
+    def _record(self, t: int, changes: list[tuple[Ref[Any], Any, Any]], floor: int) -> None:
+        """Append commit ``t`` to the log and trim what retention no longer covers."""
+        log = self._log
+        now = time.time()
+        log.append((t, now, changes))
+        keep_from = t - self._history  # the log ignores pins: a stuck reader must not grow it
+        if self._time_floor < keep_from:
+            keep_from = int(self._time_floor)
+        while log[0][0] <= keep_from:
+            log.popleft()
+        if floor > self._oldest:
+            self._oldest = floor
+        last_t, last_time = self._last_sweep
+        if t - last_t >= _SWEEP_EVERY or (
+            self._history_seconds is not None and now - last_time >= 1.0
+        ):
+            self._sweep(t, floor)
+
+    def _sweep(self, t: int, floor: int) -> None:
+        """Trim histories of refs not written lately; move the time-retention floor."""
+        now = time.monotonic()
+        self._last_sweep = (t, now)
+        if self._history_seconds is not None:
+            cutoff = time.time() - self._history_seconds
+            self._time_floor = next((e[0] - 1 for e in self._log if e[1] >= cutoff), t)
+        done = [r for r in self._versioned if prune_history(r, floor)]
+        self._versioned.difference_update(done)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        """A snapshot of this store's counters."""
+        with self._lock:
+            hot = sorted(
+                ((r.name, r._conflicts) for r in self._refs.values() if r._conflicts),
+                key=lambda kv: -kv[1],
+            )[:10]
+            return Stats(
+                self._commits,
+                self._attempts,
+                self._retries,
+                self._faults,
+                self._blocked,
+                tuple(hot),
+            )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Stop accepting transactions and wake everything waiting on this store."""
+        with self._lock:
+            self._closed = True
+            tick, self._tick = self._tick, []
+        for w in tick:
+            w.fire()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<astm.Store {self.url} t={self._t} refs={len(self._refs)}>"
+

@@ -1,0 +1,781 @@
+"""The transaction engine: read point, in-transaction values, commit, retry.
+
+A transaction reads a consistent snapshot at its *read point* ``rp`` (a basis
+``t`` of its store) and commits all its writes at one *write point* ``t + 1``.
+
+Reads. ``ref._cur`` is the newest committed ``(t, value)``. A read of a ref
+newer than ``rp`` first tries to *extend* the read point to the store's current
+``t``: allowed when nothing this attempt already read has changed since ``rp``,
+because the old and new snapshots then agree on everything it has seen. When
+extension fails, a checked read is doomed (it would fail validation at commit),
+so the attempt retries at once; an unchecked ``peek`` reads the old version from
+the ref's history. The attempt never observes a state that no single commit
+produced (opacity), even across ``await``.
+
+Commit. One synchronous section under the store's ``threading.Lock``:
+validate the checked refs (every ``get``/``alter``/``set``/``ensure``), refuse to
+overwrite a ref another starving transaction has claimed, re-apply commutes to
+the newest values, run validators, then install every new version at ``t + 1``.
+No ``await`` inside, so cancellation can never leave half a commit.
+
+Contention. A conflict on a hot ref, or a third failure, makes the transaction
+*claim* the refs involved: claims are FIFO queues per ref, taken in a global
+order (no deadlock), held until the transaction ends, and no other transaction
+may commit an ``alter``/``set`` of a claimed ref. Contenders for a hot ref thus
+line up instead of re-running in a storm, and a long transaction gets priority
+over a stream of short ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import random
+import types
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from contextvars import ContextVar
+from heapq import heappop
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast, overload
+
+import anyio
+
+from ._errors import (
+    CommuteConflictError,
+    IOInTransactionError,
+    NotInTransactionError,
+    RetryLimitExceeded,
+    StoreClosed,
+    StoreMismatchError,
+    ValidationError,
+    _Blocked,
+    _Conflict,
+)
+from ._values import check_value
+from ._waiter import Waiter
+
+if TYPE_CHECKING:
+    from ._ref import Ref
+    from ._store import Store
+
+__all__ = [
+    "Transaction",
+    "after_commit",
+    "check",
+    "in_transaction",
+    "io",
+    "or_else",
+    "retry",
+    "run_transaction",
+    "transactional",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+log = logging.getLogger("astm")
+
+_current: ContextVar[Transaction | None] = ContextVar("astm.transaction", default=None)
+_NO: Any = object()
+_CoroutineType = types.CoroutineType
+
+#: A ref that faulted (its history lacked a version an attempt needed) keeps at
+#: least this many old versions at most.
+MAX_KEEP = 64
+#: Claims start on the first conflict of a ref that conflicted this often since
+#: its queue last drained, or on any conflict from the third failure on.
+HOT_REF_CONFLICTS = 2
+CLAIM_ALL_AFTER = 3
+
+
+class Transaction:
+    """The state of one transaction: its read point, reads, writes and effects.
+
+    Refs hand every operation to the current transaction (found once per call
+    in a context variable); nothing here allocates on a plain ``get``.
+    """
+
+    __slots__ = (
+        "store",
+        "rp",
+        "vals",
+        "reads",
+        "peeks",
+        "commutes",
+        "effects",
+        "claims",
+        "attempts",
+        "conflicts",
+    )
+
+    def __init__(self, store: Store | None) -> None:
+        self.store = store
+        self.rp = store._t if store is not None else 0
+        #: in-transaction values of every ref written (set/alter/commute)
+        self.vals: dict[Ref[Any], Any] = {}
+        #: refs checked at commit: every get/alter/set/ensure
+        self.reads: set[Ref[Any]] = set()
+        self.peeks: set[Ref[Any]] | None = None
+        self.commutes: dict[Ref[Any], list[tuple[Callable[..., Any], tuple[Any, ...]]]] | None = None
+        self.effects: list[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
+        self.claims: list[Ref[Any]] = []
+        self.attempts = 0
+        self.conflicts: dict[str, int] | None = None
+
+    # -- binding -------------------------------------------------------------
+
+    def _bind(self, ref: Ref[Any]) -> None:
+        """First ref of a decorated transaction fixes its store and read point."""
+        store = ref._store
+        if self.store is None:
+            self.store = store
+            self.rp = store._t
+        elif self.store is not store:
+            raise StoreMismatchError(ref.name)
+
+    def bind_store(self, store: Store) -> None:
+        if self.store is None:
+            self.store = store
+            self.rp = store._t
+        elif self.store is not store:
+            raise StoreMismatchError(f"<transaction of {store!r}>")
+
+    # -- reads ---------------------------------------------------------------
+
+    def _extend(self) -> bool:
+        """Move the read point to now if nothing read so far has changed since it."""
+        store = self.store
+        assert store is not None
+        new_rp = store._t
+        rp = self.rp
+        for r in self.reads:
+            if r._cur[0] > rp:
+                return False
+        if self.peeks:
+            for r in self.peeks:
+                if r._cur[0] > rp:
+                    return False
+        self.rp = new_rp
+        return True
+
+    def _version_at(self, ref: Ref[Any]) -> tuple[int, Any]:
+        """The newest version of ``ref`` not after ``rp``, from its history."""
+        rp = self.rp
+        cur = ref._cur
+        if cur[0] <= rp:
+            return cur
+        h = ref._hist
+        if h is not None:
+            for i in range(len(h) - 1, -1, -1):
+                v = h[i]
+                if v[0] <= rp:
+                    return v
+        raise _Conflict((ref,), fault=True)
+
+    def _stale_checked(self, ref: Ref[Any]) -> tuple[int, Any]:
+        """A checked read of a ref that changed after ``rp``: extend or retry now."""
+        if not self._extend():
+            rp = self.rp
+            changed = [r for r in self.reads if r._cur[0] > rp]
+            raise _Conflict(changed or (ref,))
+        return self._version_at(ref)
+
+    def get(self, ref: Ref[Any]) -> Any:
+        v = self.vals.get(ref, _NO)
+        if v is not _NO:
+            return v
+        if ref._store is not self.store:
+            self._bind(ref)
+        cur = ref._cur
+        if cur[0] > self.rp:
+            cur = self._stale_checked(ref)
+        self.reads.add(ref)
+        return cur[1]
+
+    def peek(self, ref: Ref[Any]) -> Any:
+        v = self.vals.get(ref, _NO)
+        if v is not _NO:
+            return v
+        if ref._store is not self.store:
+            self._bind(ref)
+        cur = ref._cur
+        if cur[0] > self.rp:
+            self._extend()
+            cur = self._version_at(ref)
+        if self.peeks is None:
+            self.peeks = {ref}
+        else:
+            self.peeks.add(ref)
+        return cur[1]
+
+    # -- writes --------------------------------------------------------------
+
+    def set(self, ref: Ref[Any], value: Any) -> Any:
+        check_value(value, ref.name)
+        if ref._store is not self.store:
+            self._bind(ref)
+        if self.commutes is not None and ref in self.commutes:
+            raise CommuteConflictError(ref.name)
+        reads = self.reads
+        if ref not in reads:
+            if ref._cur[0] > self.rp:
+                self._stale_checked(ref)
+            reads.add(ref)
+        self.vals[ref] = value
+        return value
+
+    def alter(self, ref: Ref[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        vals = self.vals
+        v = vals.get(ref, _NO)
+        if v is _NO:
+            if ref._store is not self.store:
+                self._bind(ref)
+            cur = ref._cur
+            if cur[0] > self.rp:
+                cur = self._stale_checked(ref)
+            self.reads.add(ref)
+            v = cur[1]
+        elif self.commutes is not None and ref in self.commutes:
+            raise CommuteConflictError(ref.name)
+        nv = fn(v, *args)
+        check_value(nv, ref.name)
+        vals[ref] = nv
+        return nv
+
+    def commute(self, ref: Ref[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        vals = self.vals
+        commutes = self.commutes
+        v = vals.get(ref, _NO)
+        if v is not _NO and (commutes is None or ref not in commutes):
+            # already altered/set here: the ref is checked, so its in-transaction
+            # value is exactly what the commit will build on
+            nv = fn(v, *args)
+            check_value(nv, ref.name)
+            vals[ref] = nv
+            return nv
+        if v is _NO:
+            v = self.peek(ref)
+            assert self.peeks is not None
+            self.peeks.discard(ref)
+        nv = fn(v, *args)
+        check_value(nv, ref.name)
+        vals[ref] = nv
+        if commutes is None:
+            commutes = self.commutes = {}
+        fns = commutes.get(ref)
+        if fns is None:
+            commutes[ref] = [(fn, args)]
+        else:
+            fns.append((fn, args))
+        return nv
+
+    def ensure(self, ref: Ref[Any]) -> Any:
+        return self.get(ref)
+
+    # -- commit --------------------------------------------------------------
+
+    def commit(self, pin: bool = False) -> tuple[int, list[tuple[Ref[Any], Any, Any]], list[Waiter]]:
+        """Validate and install every write at one new ``t``; returns (t, changes, wake).
+
+        Raises ``_Conflict`` to retry, ``ValidationError`` or a commute function's
+        error to abort; in every such case nothing has been changed.
+        """
+        store = self.store
+        vals = self.vals
+        assert store is not None
+        with store._lock:
+            if store._closed:
+                raise StoreClosed()
+            rp = self.rp
+            t = store._t
+            if t != rp:
+                bad = [r for r in self.reads if r._cur[0] > rp]
+                if bad:
+                    raise _Conflict(bad)
+            commutes = self.commutes
+            if store._nclaims:
+                for r in vals:
+                    c = r._claim
+                    if c is not None and c is not self and (commutes is None or r not in commutes):
+                        raise _Conflict((r,))
+            if commutes:
+                reads = self.reads
+                for r, fns in commutes.items():
+                    if r in reads:
+                        continue  # checked and unchanged: the in-tx value stands
+                    v = r._cur[1]
+                    for f, a in fns:
+                        v = f(v, *a)
+                    check_value(v, r.name)
+                    vals[r] = v
+            for r, v in vals.items():
+                if r._validator is not None:
+                    _validate(r, v)
+            # all values calculated and validated; no more client code runs below
+            t += 1
+            floor = store._floor(t)
+            changes: list[tuple[Ref[Any], Any, Any]] = []
+            wake: list[Waiter] = []
+            for r, v in vals.items():
+                old = r._cur
+                if floor < t or r._keep:
+                    _keep_version(store, r, old, floor, t)
+                r._cur = (t, v)
+                changes.append((r, old[1], v))
+                if r._waiters:
+                    wake.extend(r._waiters)
+                    r._waiters = None
+            store._t = t
+            store._record(t, changes, floor)
+            if store._tick:
+                wake.extend(store._tick)
+                store._tick = []
+            if pin:
+                store._pin(t - 1)
+                store._pin(t)
+            store._commits += 1
+            store._attempts += self.attempts
+        return t, changes, wake
+
+    # -- contention ----------------------------------------------------------
+
+    async def claim(self, refs: Iterable[Ref[Any]]) -> None:
+        """Hold the claims on ``refs`` (and those already held), in ref order."""
+        held = self.claims
+        new = {r for r in refs if r._claim is not self} - set(held)
+        if not new:
+            return
+        if held and min(r._ord for r in new) < max(r._ord for r in held):
+            want = sorted(set(held) | new, key=_ord)
+            self.release_claims()
+        else:
+            want = sorted(new, key=_ord)
+        for r in want:
+            await self._claim_one(r)
+
+    async def _claim_one(self, ref: Ref[Any]) -> None:
+        store = self.store
+        assert store is not None
+        with store._lock:
+            if ref._claim is None:
+                ref._claim = self
+                store._nclaims += 1
+                self.claims.append(ref)
+                return
+            w = Waiter()
+            q = ref._queue
+            if q is None:
+                q = ref._queue = deque()
+            q.append((self, w))
+        try:
+            await w.wait()
+        except BaseException:
+            with store._lock:
+                if ref._claim is self:
+                    wake = _handoff(store, ref)
+                else:
+                    wake = None
+                    assert ref._queue is not None
+                    ref._queue.remove((self, w))
+            if wake is not None:
+                wake.fire()
+            raise
+        self.claims.append(ref)
+
+    def release_claims(self) -> None:
+        claims = self.claims
+        if not claims:
+            return
+        store = self.store
+        assert store is not None
+        wake = []
+        with store._lock:
+            for r in claims:
+                if r._claim is self:
+                    w = _handoff(store, r)
+                    if w is not None:
+                        wake.append(w)
+        claims.clear()
+        for w in wake:
+            w.fire()
+
+    # -- blocking retry ------------------------------------------------------
+
+    async def wait_for_change(self) -> None:
+        """After ``astm.retry()``: sleep until a ref this attempt read is committed."""
+        watched = set(self.reads)
+        if self.peeks:
+            watched |= self.peeks
+        watched.update(self.vals)
+        if not watched:
+            raise RuntimeError(
+                "astm.retry() was called before the transaction read any ref, so no "
+                "commit could ever wake it; read the refs whose change should wake it"
+            )
+        self.release_claims()
+        store = self.store
+        assert store is not None
+        rp = self.rp
+        w = Waiter()
+        with store._lock:
+            if any(r._cur[0] > rp for r in watched):
+                return
+            for r in watched:
+                ws = r._waiters
+                if ws is None:
+                    r._waiters = {w}
+                else:
+                    ws.add(w)
+            store._blocked += 1
+        try:
+            await w.wait()
+        finally:
+            with store._lock:
+                for r in watched:
+                    ws = r._waiters
+                    if ws is not None:
+                        ws.discard(w)
+
+    def reset(self) -> None:
+        """Forget the attempt's reads, writes and effects; take a fresh read point."""
+        self.vals.clear()
+        self.reads.clear()
+        self.peeks = None
+        self.commutes = None
+        self.effects = None
+        if self.store is not None:
+            self.rp = self.store._t
+
+
+def _ord(ref: Ref[Any]) -> int:
+    return ref._ord
+
+
+def _handoff(store: Store, ref: Ref[Any]) -> Waiter | None:
+    """Pass the claim on ``ref`` to the next in line (call under the store lock)."""
+    q = ref._queue
+    if q:
+        tx, w = q.popleft()
+        ref._claim = tx
+        return w
+    ref._claim = None
+    ref._heat = 0
+    store._nclaims -= 1
+    return None
+
+
+def _validate(ref: Ref[Any], value: Any) -> None:
+    validator = ref._validator
+    assert validator is not None
+    _validate_value(ref.name, validator, value)
+
+
+def _validate_value(name: str, validator: Callable[[Any], Any], value: Any) -> None:
+    """Raise ``ValidationError`` unless ``validator(value)`` is true."""
+    try:
+        ok = validator(value)
+    except Exception as exc:
+        raise ValidationError(name, value, f"the validator raised {exc!r}") from exc
+    if not ok:
+        raise ValidationError(name, value)
+
+
+def _keep_version(store: Store, ref: Ref[Any], old: tuple[int, Any], floor: int, t: int) -> None:
+    """Append the superseded version to the ref's history and trim what no reader needs."""
+    h = ref._hist
+    if h is None:
+        h = ref._hist = deque()
+        store._versioned.add(ref)
+    h.append(old)
+    keep = ref._keep
+    while len(h) > keep:
+        successor = h[1][0] if len(h) > 1 else t
+        if successor > floor:
+            break
+        h.popleft()
+
+
+def prune_history(ref: Ref[Any], floor: int) -> bool:
+    """Trim a ref's history to what ``floor`` needs; True when nothing is left."""
+    h = ref._hist
+    if h is None:
+        return True
+    keep = ref._keep
+    while len(h) > keep:
+        successor = h[1][0] if len(h) > 1 else ref._cur[0]
+        if successor > floor:
+            break
+        h.popleft()
+    if not h:
+        ref._hist = None
+        return True
+    return False
+
+
+def pin_floor(pins: dict[int, int], heap: list[int]) -> int | None:
+    """The oldest pinned ``t`` (dropping released pins from the heap top)."""
+    while heap and heap[0] not in pins:
+        heappop(heap)
+    return heap[0] if heap else None
+
+
+# -- the runner ---------------------------------------------------------------
+
+
+async def run_transaction(
+    store: Store | None,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    retry_limit: int | None = None,
+    report: bool = False,
+) -> tuple[Any, Transaction, int | None, list[tuple[Ref[Any], Any, Any]] | None]:
+    """Run ``fn`` as a transaction, retrying on conflict; joins an outer one.
+
+    Returns ``(result, tx, t, changes)``; ``t`` is None for a read-only or
+    joined transaction.
+    """
+    outer = _current.get()
+    if outer is not None:
+        if store is not None:
+            outer.bind_store(store)
+        r = fn(*args, **kwargs)
+        if type(r) is _CoroutineType:
+            r = await r
+        return r, outer, None, None
+    if store is not None and store._closed:
+        raise StoreClosed()
+    tx = Transaction(store)
+    token = _current.set(tx)
+    try:
+        while True:
+            tx.attempts += 1
+            try:
+                r = fn(*args, **kwargs)
+                if type(r) is _CoroutineType:
+                    r = await r
+                if not tx.vals:
+                    return await _finish_read_only(tx, r, report)
+                t, changes, wake = tx.commit(report)
+            except _Conflict as c:
+                await _after_conflict(tx, c, retry_limit)
+                continue
+            except _Blocked:
+                await tx.wait_for_change()
+                tx.reset()
+                continue
+            break
+        tx.release_claims()
+        for w in wake:
+            w.fire()
+        await _after_commit(tx, changes)
+        return r, tx, t, changes
+    except BaseException:
+        tx.release_claims()
+        raise
+    finally:
+        _current.reset(token)
+
+
+async def _finish_read_only(
+    tx: Transaction, result: Any, report: bool
+) -> tuple[Any, Transaction, int | None, None]:
+    store = tx.store
+    if store is not None:
+        with store._lock:
+            store._attempts += tx.attempts
+            if report:
+                store._pin(tx.rp)
+    tx.release_claims()
+    if tx.effects:
+        await _run_effects(tx.effects)
+    return result, tx, None, None
+
+
+async def _after_conflict(tx: Transaction, c: _Conflict, retry_limit: int | None) -> None:
+    store = tx.store
+    assert store is not None
+    conflicts = tx.conflicts
+    if conflicts is None:
+        conflicts = tx.conflicts = {}
+    for r in c.refs:
+        r._conflicts += 1
+        r._heat += 1
+        conflicts[r.name] = conflicts.get(r.name, 0) + 1
+        if c.fault:
+            r._keep = min(max(1, r._keep * 2), MAX_KEEP)
+    failures = tx.attempts
+    limit = store._retry_limit if retry_limit is None else retry_limit
+    if c.fault:
+        store._faults += 1
+    store._retries += 1
+    if failures >= limit:
+        with store._lock:
+            store._attempts += tx.attempts
+        raise RetryLimitExceeded(failures, conflicts)
+    if failures >= CLAIM_ALL_AFTER:
+        to_claim: set[Ref[Any]] = set(tx.reads)
+        to_claim.update(c.refs)
+    else:
+        to_claim = {r for r in c.refs if r._heat >= HOT_REF_CONFLICTS or r._claim is not None}
+    if to_claim:
+        await tx.claim(to_claim)
+    elif failures >= 2:
+        # exponential backoff with full jitter, 0.1 ms doubling up to 10 ms
+        await anyio.sleep(random.uniform(0, min(0.01, 0.0001 * (1 << min(failures, 7)))))
+    tx.reset()
+
+
+async def _after_commit(tx: Transaction, changes: list[tuple[Ref[Any], Any, Any]]) -> None:
+    """Watches, then after-commit effects: outside the transaction, in order."""
+    token = _current.set(None)
+    try:
+        for r, old, new in changes:
+            watches = r._watches
+            if watches:
+                for key, wfn in list(watches.items()):
+                    try:
+                        res = wfn(key, r, old, new)
+                        if type(res) is _CoroutineType:
+                            await res
+                    except Exception:
+                        log.exception("watch %r on ref %r failed", key, r.name)
+        if tx.effects:
+            await _run_effects(tx.effects)
+    finally:
+        _current.reset(token)
+
+
+async def _run_effects(effects: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
+    for fn, args in effects:
+        try:
+            res = fn(*args)
+            if inspect.isawaitable(res):
+                await res
+        except Exception:
+            log.exception("after-commit effect %r failed", getattr(fn, "__qualname__", fn))
+
+
+# -- the public functions -------------------------------------------------------
+
+
+def current() -> Transaction:
+    tx = _current.get()
+    if tx is None:
+        raise NotInTransactionError("this operation")
+    return tx
+
+
+def in_transaction() -> bool:
+    """True when called inside a transaction body."""
+    return _current.get() is not None
+
+
+def retry() -> NoReturn:
+    """Abandon this attempt and run the body again once a ref it read has changed.
+
+    Blocking retry in the style of Haskell's STM: the transaction sleeps (no
+    polling) until another transaction commits a change to something this
+    attempt read. Bound the wait with ``anyio.fail_after``.
+    """
+    if _current.get() is None:
+        raise NotInTransactionError("astm.retry()")
+    raise _Blocked()
+
+
+def check(condition: object) -> None:
+    """``astm.retry()`` unless ``condition`` is true."""
+    if not condition:
+        retry()
+
+
+async def or_else(*alternatives: Callable[[], Any]) -> Any:
+    """Run the first alternative that does not ``retry()``; its result is returned.
+
+    An alternative that retries has its writes and effects rolled back; what it
+    read still counts, so when every alternative retries the transaction waits
+    for a change to anything any of them read.
+    """
+    tx = _current.get()
+    if tx is None:
+        raise NotInTransactionError("astm.or_else()")
+    if not alternatives:
+        raise TypeError("or_else() needs at least one alternative")
+    for i, alt in enumerate(alternatives):
+        saved_vals = dict(tx.vals)
+        saved_commutes = {k: list(v) for k, v in tx.commutes.items()} if tx.commutes else None
+        saved_effects = list(tx.effects) if tx.effects else None
+        try:
+            r = alt()
+            if inspect.isawaitable(r):
+                r = await r
+            return r
+        except _Blocked:
+            tx.vals = saved_vals
+            tx.commutes = saved_commutes
+            tx.effects = saved_effects
+            if i == len(alternatives) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def after_commit(fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn(*args)`` after the current transaction commits (never on retry or abort)."""
+    tx = _current.get()
+    if tx is None:
+        raise NotInTransactionError("astm.after_commit()")
+    if tx.effects is None:
+        tx.effects = [(fn, args)]
+    else:
+        tx.effects.append((fn, args))
+
+
+@overload
+def transactional(
+    fn: Callable[P, Awaitable[R]], *, retry_limit: int | None = None
+) -> Callable[P, Awaitable[R]]: ...
+@overload
+def transactional(fn: Callable[P, R], *, retry_limit: int | None = None) -> Callable[P, Awaitable[R]]: ...
+@overload
+def transactional(
+    fn: None = None, *, retry_limit: int | None = None
+) -> Callable[[Callable[P, Any]], Callable[P, Awaitable[Any]]]: ...
+def transactional(fn: Any = None, *, retry_limit: int | None = None) -> Any:
+    """Make a function a transaction: calling it runs it atomically, retried on conflict.
+
+    Works on ``async def`` and plain ``def``; the result is always awaited. The
+    store is the one of the first ref the body touches. Called inside another
+    transaction, it joins that one.
+    """
+    if fn is None:
+        return functools.partial(transactional, retry_limit=retry_limit)
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return (await run_transaction(None, fn, args, kwargs, retry_limit))[0]
+
+    return wrapper
+
+
+def io(fn: Callable[P, R]) -> Callable[P, R]:
+    """Mark ``fn`` as side-effecting: calling it inside a transaction raises ``IOInTransactionError``."""
+    name = getattr(fn, "__qualname__", repr(fn))
+    if inspect.iscoroutinefunction(fn):
+        afn = cast(Callable[..., Awaitable[Any]], fn)
+
+        @functools.wraps(fn)
+        async def aguard(*args: Any, **kwargs: Any) -> Any:
+            if _current.get() is not None:
+                raise IOInTransactionError(name)
+            return await afn(*args, **kwargs)
+
+        return cast(Callable[P, R], aguard)
+
+    @functools.wraps(fn)
+    def guard(*args: P.args, **kwargs: P.kwargs) -> R:
+        if _current.get() is not None:
+            raise IOInTransactionError(name)
+        return fn(*args, **kwargs)
+
+    return guard
