@@ -68,8 +68,5 @@ __all__ = [
 for _name in __all__:
     _obj = globals()[_name]
     if getattr(_obj, "__module__", "").startswith("astm."):
-        try:
-            _obj.__module__ = "astm"
-        except (AttributeError, TypeError):  # pragma: no cover - builtins
-            pass
+        _obj.__module__ = "astm"
 del _name, _obj

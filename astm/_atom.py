@@ -25,7 +25,7 @@ log = logging.getLogger("astm")
 class Atom(Generic[T]):
     """A named value changed atomically with ``swap`` (retried compare-and-set) or ``reset``."""
 
-    __slots__ = ("name", "_value", "_validator", "_watches", "_lock", "__weakref__")
+    __slots__ = ("__weakref__", "_lock", "_validator", "_value", "_watches", "name")
 
     def __init__(self, name: str, value: T, validator: Callable[[T], bool] | None) -> None:
         check_value(value, name)

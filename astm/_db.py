@@ -26,7 +26,7 @@ R = TypeVar("R")
 class Db:
     """The immutable value of a store at basis ``t``: ``db[ref]``, ``db.get(ref)``, ``ref in db``."""
 
-    __slots__ = ("_store", "t", "_pinned")
+    __slots__ = ("_pinned", "_store", "t")
 
     def __init__(self, store: Store, t: int, pinned: bool) -> None:
         self._store = store

@@ -93,9 +93,7 @@ class MutableValueError(AstmError, TypeError):
 
     def __init__(self, where: str, value: object) -> None:
         self.value = value
-        suggestion = next(
-            (s for kind, s in self._SUGGEST if isinstance(value, kind)), "an immutable value"
-        )
+        suggestion = next((s for kind, s in self._SUGGEST if isinstance(value, kind)), "an immutable value")
         super().__init__(
             f"{where}: values must be immutable, got a {type(value).__name__}. "
             f"Use {suggestion} instead (pyrsistent collections, tuples and frozen "
@@ -144,9 +142,7 @@ class RetryLimitExceeded(AstmError):
     def __init__(self, attempts: int, conflicts: Mapping[str, int]) -> None:
         self.attempts = attempts
         self.conflicts = dict(conflicts)
-        hot = ", ".join(
-            f"{name!r} ({n}x)" for name, n in sorted(self.conflicts.items(), key=lambda kv: -kv[1])[:5]
-        )
+        hot = ", ".join(f"{name!r} ({n}x)" for name, n in sorted(self.conflicts.items(), key=lambda kv: -kv[1])[:5])
         super().__init__(
             f"transaction gave up after {attempts} attempts; it conflicted on {hot or 'no ref'}. "
             "Keep the body short, split the hot ref, use commute for order-free updates, "
@@ -174,8 +170,7 @@ class SyncTimeout(AstmError, TimeoutError):
         self.t = t
         self.basis = basis
         super().__init__(
-            f"sync({t}) timed out after {timeout:g}s: this store is at t={basis}, "
-            f"{t - basis} commit(s) behind"
+            f"sync({t}) timed out after {timeout:g}s: this store is at t={basis}, {t - basis} commit(s) behind"
         )
 
 
@@ -186,15 +181,15 @@ class StoreClosed(AstmError, RuntimeError):
         super().__init__(f"{what} is closed; open a new Store to continue")
 
 
-class _Conflict(BaseException):  # noqa: N818  (a control-flow signal, not an error)
+class _Conflict(BaseException):
     """Internal: this attempt must retry because these refs conflicted."""
 
-    __slots__ = ("refs", "fault")
+    __slots__ = ("fault", "refs")
 
     def __init__(self, refs: Iterable[Any], fault: bool = False) -> None:
         self.refs = tuple(refs)
         self.fault = fault
 
 
-class _Blocked(BaseException):  # noqa: N818
+class _Blocked(BaseException):
     """Internal: the body called astm.retry(); wait for a change to what it read."""

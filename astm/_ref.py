@@ -33,21 +33,21 @@ class Ref(Generic[T]):
     """
 
     __slots__ = (
-        "_store",
-        "name",
+        "__weakref__",
+        "_claim",
+        "_conflicts",
+        "_created",
         "_cur",
+        "_heat",
         "_hist",
         "_keep",
-        "_validator",
-        "_watches",
-        "_waiters",
-        "_claim",
-        "_queue",
-        "_heat",
-        "_conflicts",
         "_ord",
-        "_created",
-        "__weakref__",
+        "_queue",
+        "_store",
+        "_validator",
+        "_waiters",
+        "_watches",
+        "name",
     )
 
     def __init__(

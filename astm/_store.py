@@ -211,8 +211,7 @@ class Store:
         with self._lock:
             if t > self._t:
                 raise ValueError(
-                    f"as_of({t}): t is ahead of this store (t={self._t}); "
-                    "use `await store.sync(t)` to wait for it"
+                    f"as_of({t}): t is ahead of this store (t={self._t}); use `await store.sync(t)` to wait for it"
                 )
             if t < self._oldest:
                 raise HistoryUnavailable(t, self._oldest)
@@ -312,9 +311,9 @@ class Store:
                 else:
                     del pins[p]
         if self._pin_heap:
-            p = pin_floor(self._pins, self._pin_heap)
-            if p is not None and p < floor:
-                floor = p
+            oldest_pin = pin_floor(self._pins, self._pin_heap)
+            if oldest_pin is not None and oldest_pin < floor:
+                floor = oldest_pin
         return floor
 
     def _record(self, t: int, changes: list[tuple[Ref[Any], Any, Any]], floor: int) -> None:
@@ -325,14 +324,12 @@ class Store:
         keep_from = t - self._history  # the log ignores pins: a stuck reader must not grow it
         if self._time_floor < keep_from:
             keep_from = int(self._time_floor)
-        while log[0][0] <= keep_from:
+        while log and log[0][0] <= keep_from:
             log.popleft()
         if floor > self._oldest:
             self._oldest = floor
         last_t, last_time = self._last_sweep
-        if t - last_t >= _SWEEP_EVERY or (
-            self._history_seconds is not None and now - last_time >= 1.0
-        ):
+        if t - last_t >= _SWEEP_EVERY or (self._history_seconds is not None and now - last_time >= 1.0):
             self._sweep(t, floor)
 
     def _sweep(self, t: int, floor: int) -> None:
@@ -388,4 +385,3 @@ class Store:
 
     def __repr__(self) -> str:
         return f"<astm.Store {self.url} t={self._t} refs={len(self._refs)}>"
-

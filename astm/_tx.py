@@ -37,6 +37,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from heapq import heappop
+from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast, overload
 
 import anyio
@@ -87,6 +88,10 @@ MAX_KEEP = 64
 #: its queue last drained, or on any conflict from the third failure on.
 HOT_REF_CONFLICTS = 2
 CLAIM_ALL_AFTER = 3
+#: Others yield to a claimant for CLAIM_TIME_FACTOR times its last attempt's
+#: duration, and at least CLAIM_MIN_SECONDS.
+CLAIM_TIME_FACTOR = 4.0
+CLAIM_MIN_SECONDS = 0.05
 
 
 class Transaction:
@@ -97,16 +102,18 @@ class Transaction:
     """
 
     __slots__ = (
-        "store",
-        "rp",
-        "vals",
-        "reads",
-        "peeks",
-        "commutes",
-        "effects",
-        "claims",
         "attempts",
+        "claims",
+        "commutes",
         "conflicts",
+        "deadline",
+        "effects",
+        "peeks",
+        "reads",
+        "rp",
+        "started",
+        "store",
+        "vals",
     )
 
     def __init__(self, store: Store | None) -> None:
@@ -122,6 +129,10 @@ class Transaction:
         self.claims: list[Ref[Any]] = []
         self.attempts = 0
         self.conflicts: dict[str, int] | None = None
+        #: when the current attempt started (monotonic seconds)
+        self.started = 0.0
+        #: while holding claims: until when other commits yield to them
+        self.deadline = 0.0
 
     # -- binding -------------------------------------------------------------
 
@@ -295,9 +306,10 @@ class Transaction:
                     raise _Conflict(bad)
             commutes = self.commutes
             if store._nclaims:
+                now = _monotonic()
                 for r in vals:
                     c = r._claim
-                    if c is not None and c is not self and (commutes is None or r not in commutes):
+                    if c is not None and c is not self and c.deadline > now and (commutes is None or r not in commutes):
                         raise _Conflict((r,))
             if commutes:
                 reads = self.reads
@@ -355,6 +367,11 @@ class Transaction:
             await self._claim_one(r)
 
     async def _claim_one(self, ref: Ref[Any]) -> None:
+        """Take the claim on ``ref``, waiting in its FIFO queue.
+
+        A claimant that overstays its deadline (say, its body awaits something
+        that needs this very ref) is bypassed rather than waited on forever.
+        """
         store = self.store
         assert store is not None
         with store._lock:
@@ -369,7 +386,19 @@ class Transaction:
                 q = ref._queue = deque()
             q.append((self, w))
         try:
-            await w.wait()
+            while True:
+                holder = ref._claim
+                wait = holder.deadline - _monotonic() if holder is not None else 0.0
+                with anyio.move_on_after(max(wait, 0.001)):
+                    await w.wait()
+                if w.fired:
+                    break
+                with store._lock:
+                    if w.fired:
+                        break
+                    if ref._claim is holder and (holder is None or holder.deadline <= _monotonic()):
+                        ref._queue.remove((self, w))  # type: ignore[union-attr]
+                        return  # stuck claimant: go ahead without the claim
         except BaseException:
             with store._lock:
                 if ref._claim is self:
@@ -551,6 +580,7 @@ async def run_transaction(
     try:
         while True:
             tx.attempts += 1
+            tx.started = _monotonic()
             try:
                 r = fn(*args, **kwargs)
                 if type(r) is _CoroutineType:
@@ -578,9 +608,7 @@ async def run_transaction(
         _current.reset(token)
 
 
-async def _finish_read_only(
-    tx: Transaction, result: Any, report: bool
-) -> tuple[Any, Transaction, int | None, None]:
+async def _finish_read_only(tx: Transaction, result: Any, report: bool) -> tuple[Any, Transaction, int | None, None]:
     store = tx.store
     if store is not None:
         with store._lock:
@@ -620,7 +648,10 @@ async def _after_conflict(tx: Transaction, c: _Conflict, retry_limit: int | None
     else:
         to_claim = {r for r in c.refs if r._heat >= HOT_REF_CONFLICTS or r._claim is not None}
     if to_claim:
+        took = _monotonic() - tx.started
         await tx.claim(to_claim)
+        # others yield to our claims for about as long as the body took, then no more
+        tx.deadline = _monotonic() + max(CLAIM_MIN_SECONDS, CLAIM_TIME_FACTOR * took)
     elif failures >= 2:
         # exponential backoff with full jitter, 0.1 ms doubling up to 10 ms
         await anyio.sleep(random.uniform(0, min(0.01, 0.0001 * (1 << min(failures, 7)))))
@@ -732,9 +763,7 @@ def after_commit(fn: Callable[..., Any], *args: Any) -> None:
 
 
 @overload
-def transactional(
-    fn: Callable[P, Awaitable[R]], *, retry_limit: int | None = None
-) -> Callable[P, Awaitable[R]]: ...
+def transactional(fn: Callable[P, Awaitable[R]], *, retry_limit: int | None = None) -> Callable[P, Awaitable[R]]: ...
 @overload
 def transactional(fn: Callable[P, R], *, retry_limit: int | None = None) -> Callable[P, Awaitable[R]]: ...
 @overload

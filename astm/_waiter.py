@@ -30,7 +30,7 @@ def _set_future(fut: asyncio.Future[None]) -> None:
 class Waiter:
     """A single wake-up for the current task, fireable from any thread."""
 
-    __slots__ = ("_wait", "_fire", "fired", "payload")
+    __slots__ = ("_fire", "_wait", "fired", "payload")
 
     def __init__(self) -> None:
         self.fired = False
@@ -60,7 +60,8 @@ class Waiter:
                 else:
                     loop.call_soon_threadsafe(_set_future, fut)
 
-            self._wait = lambda: fut
+            # shielded: a cancelled wait (a timeout) must leave the waiter fireable
+            self._wait = lambda: asyncio.shield(fut)
             self._fire = fire_asyncio
 
     def fire(self, payload: Any = None) -> None:

@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+import pytest
+
+import astm
+
+
+@pytest.fixture
+def store() -> astm.Store:
+    """A fresh in-memory store."""
+    return astm.Store()
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Run @pytest.mark.anyio tests on both backends."""
+    return str(request.param)
