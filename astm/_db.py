@@ -48,13 +48,12 @@ class Db:
         cur = ref._cur
         if cur[0] <= t:
             return cur
-        h = ref._hist
-        if h is not None:
-            for i in range(len(h) - 1, -1, -1):
-                v = h[i]
-                if v[0] <= t:
-                    return v
-        raise HistoryUnavailable(t, self._store._oldest, "db value")
+        from ._tx import version_at
+
+        v = version_at(self._store, ref, t)
+        if v is None:
+            raise HistoryUnavailable(t, self._store._oldest, "db value")
+        return v
 
     def __getitem__(self, ref: Ref[T]) -> T:
         v = self._version(ref)

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._errors import NotInTransactionError
-from ._tx import Transaction, _current
+from ._tx import _NO, Transaction, _current
+from ._values import _IMMUTABLE_FAST, check_value
 from ._waiter import Waiter
 
 if TYPE_CHECKING:
@@ -86,7 +87,17 @@ class Ref(Generic[T]):
         tx = _current.get()
         if tx is None:
             return self._cur[1]
-        return tx.get(self)  # type: ignore[no-any-return]
+        # the common case inline (this is the hot path); the rest in the engine
+        v = tx.vals.get(self, _NO)
+        if v is not _NO:
+            return v  # type: ignore[no-any-return]
+        if self._store is not tx.store:
+            tx._bind(self)
+        cur = self._cur
+        if cur[0] > tx.rp:
+            return tx.get(self)  # type: ignore[no-any-return]
+        tx.reads.add(self)
+        return cur[1]
 
     def peek(self) -> T:
         """Read without making the transaction depend on it (not checked at commit).
@@ -112,7 +123,23 @@ class Ref(Generic[T]):
         tx = _current.get()
         if tx is None:
             raise NotInTransactionError(f"ref {self.name!r}: alter()")
-        return tx.alter(self, fn, args)  # type: ignore[no-any-return]
+        vals = tx.vals
+        v = vals.get(self, _NO)
+        if v is _NO:
+            if self._store is not tx.store:
+                tx._bind(self)
+            cur = self._cur
+            if cur[0] > tx.rp:
+                return tx.alter(self, fn, args)  # type: ignore[no-any-return]
+            tx.reads.add(self)
+            v = cur[1]
+        elif tx.commutes is not None:
+            return tx.alter(self, fn, args)  # type: ignore[no-any-return]
+        nv = fn(v, *args)
+        if type(nv) not in _IMMUTABLE_FAST:
+            check_value(nv, self.name)
+        vals[self] = nv
+        return nv
 
     def commute(self, fn: Callable[..., T], *args: Any) -> T:
         """Apply an order-free update: ``fn`` is re-applied to the newest value at commit.

@@ -6,7 +6,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from heapq import heappush
 from itertools import islice
@@ -19,7 +19,7 @@ from ._atom import Atom
 from ._db import Change, Db, TxReport
 from ._errors import HistoryUnavailable, StoreClosed, SyncTimeout
 from ._ref import Ref
-from ._tx import _current, _validate_value, pin_floor, prune_history, run_transaction
+from ._tx import _validate_value, decay_history, pin_floor, run_transaction
 from ._values import check_value
 from ._waiter import Waiter
 
@@ -96,8 +96,9 @@ class Store:
         self._pin_heap: list[int] = []
         self._unpins: deque[int] = deque()
         self._log: deque[LogEntry] = deque()
+        self._trim_len = history + max(1, history // 8)
         self._versioned: set[Ref[Any]] = set()
-        self._last_sweep = (0, time.monotonic())
+        self._last_sweep = (0, time.time())
         self._tick: list[Waiter] = []
         self._nclaims = 0
         self._retry_limit = retry_limit
@@ -152,43 +153,25 @@ class Store:
 
     # -- transactions ----------------------------------------------------------
 
-    async def atomically(
+    def atomically(
         self, fn: Callable[..., Any], /, *args: Any, retry_limit: int | None = None, **kwargs: Any
-    ) -> Any:
-        """Run ``fn(*args, **kwargs)`` as a transaction on this store; returns its result.
+    ) -> Coroutine[Any, Any, Any]:
+        """Run ``fn(*args, **kwargs)`` as a transaction on this store; await it for the result.
 
         ``fn`` may be ``async def`` or plain ``def``. Inside another transaction
-        it joins that one.
+        it joins that one. ``retry_limit`` overrides the store's for this call.
         """
-        return (await run_transaction(self, fn, args, kwargs, retry_limit))[0]
+        return run_transaction(self, fn, args, kwargs, retry_limit)
 
-    async def transact(
-        self, fn: Callable[..., R], /, *args: Any, retry_limit: int | None = None, **kwargs: Any
-    ) -> TxReport[Any]:
-        """Like ``atomically`` but returns the commit's :class:`TxReport`.
+    def transact(
+        self, fn: Callable[..., Any], /, *args: Any, retry_limit: int | None = None, **kwargs: Any
+    ) -> Coroutine[Any, Any, TxReport[Any]]:
+        """Like ``atomically`` but the result is the commit's :class:`TxReport`.
 
         A read-only body commits nothing; its report has ``db_before ==
         db_after`` at the read point and no changes.
         """
-        if _current.get() is not None:
-            raise RuntimeError(
-                "store.transact() reports one commit and cannot run inside another "
-                "transaction; use store.atomically() to join the outer transaction"
-            )
-        result, tx, t, changes = await run_transaction(self, fn, args, kwargs, retry_limit, report=True)
-        if t is None:
-            rp = tx.rp
-            db = Db(self, rp, True)
-            return TxReport(rp, result, db, db, (), time.time())
-        assert changes is not None
-        return TxReport(
-            t,
-            result,
-            Db(self, t - 1, True),
-            Db(self, t, True),
-            tuple(Change(r, o, n) for r, o, n in changes),
-            time.time(),
-        )
+        return run_transaction(self, fn, args, kwargs, retry_limit, report=True)
 
     # -- the timeline ------------------------------------------------------------
 
@@ -295,14 +278,26 @@ class Store:
             pins[t] = 1
             heappush(self._pin_heap, t)
 
-    def _floor(self, t: int) -> int:
-        """The oldest basis that must stay readable once ``t`` commits (under the lock)."""
+    def _trim(self, t: int) -> None:
+        """Drop log entries neither retention nor a pin needs (under the lock; never raises).
+
+        The log is the store's history: it keeps every superseded value, so
+        ``as_of``, db values and ``reports`` read the past from it. Commits call
+        this once the log reaches ``_trim_len`` entries, so the bookkeeping is
+        paid once per batch rather than on every commit.
+        """
+        log = self._log
+        now = log[-1][1] if log else time.time()
+        if t - self._last_sweep[0] >= _SWEEP_EVERY or (
+            self._history_seconds is not None and now - self._last_sweep[1] >= 1.0
+        ):
+            self._sweep(t, now)
         floor = t - self._history
         if self._time_floor < floor:
             floor = int(self._time_floor)
-        unpins = self._unpins
-        if unpins:
+        if self._unpins:
             pins = self._pins
+            unpins = self._unpins
             while unpins:
                 p = unpins.popleft()
                 c = pins[p] - 1
@@ -314,32 +309,21 @@ class Store:
             oldest_pin = pin_floor(self._pins, self._pin_heap)
             if oldest_pin is not None and oldest_pin < floor:
                 floor = oldest_pin
-        return floor
-
-    def _record(self, t: int, changes: list[tuple[Ref[Any], Any, Any]], floor: int) -> None:
-        """Append commit ``t`` to the log and trim what retention no longer covers."""
-        log = self._log
-        now = time.time()
-        log.append((t, now, changes))
-        keep_from = t - self._history  # the log ignores pins: a stuck reader must not grow it
-        if self._time_floor < keep_from:
-            keep_from = int(self._time_floor)
-        while log and log[0][0] <= keep_from:
+        # entry t holds the values visible at t - 1: as_of(floor) needs the entries after floor
+        while log and log[0][0] <= floor:
             log.popleft()
         if floor > self._oldest:
             self._oldest = floor
-        last_t, last_time = self._last_sweep
-        if t - last_t >= _SWEEP_EVERY or (self._history_seconds is not None and now - last_time >= 1.0):
-            self._sweep(t, floor)
+        # trim again after about an eighth of the retention window more commits
+        self._trim_len = len(log) + max(1, self._history // 8)
 
-    def _sweep(self, t: int, floor: int) -> None:
-        """Trim histories of refs not written lately; move the time-retention floor."""
-        now = time.monotonic()
+    def _sweep(self, t: int, now: float) -> None:
+        """Move the time-retention floor; shrink the history rings nobody faulted on."""
         self._last_sweep = (t, now)
         if self._history_seconds is not None:
-            cutoff = time.time() - self._history_seconds
+            cutoff = now - self._history_seconds
             self._time_floor = next((e[0] - 1 for e in self._log if e[1] >= cutoff), t)
-        done = [r for r in self._versioned if prune_history(r, floor)]
+        done = [r for r in self._versioned if decay_history(r)]
         self._versioned.difference_update(done)
 
     # -- lifecycle -----------------------------------------------------------------

@@ -32,16 +32,19 @@ import functools
 import inspect
 import logging
 import random
+import time
 import types
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from contextvars import ContextVar
 from heapq import heappop
 from time import monotonic as _monotonic
+from time import time as _time
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast, overload
 
 import anyio
 
+from ._db import Change, Db, TxReport
 from ._errors import (
     CommuteConflictError,
     IOInTransactionError,
@@ -103,6 +106,7 @@ class Transaction:
 
     __slots__ = (
         "attempts",
+        "budget",
         "claims",
         "commutes",
         "conflicts",
@@ -126,13 +130,15 @@ class Transaction:
         self.peeks: set[Ref[Any]] | None = None
         self.commutes: dict[Ref[Any], list[tuple[Callable[..., Any], tuple[Any, ...]]]] | None = None
         self.effects: list[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
-        self.claims: list[Ref[Any]] = []
+        self.claims: list[Ref[Any]] | None = None
         self.attempts = 0
         self.conflicts: dict[str, int] | None = None
         #: when the current attempt started (monotonic seconds)
         self.started = 0.0
         #: while holding claims: until when other commits yield to them
         self.deadline = 0.0
+        #: how long others yield to this transaction's claims once it holds them
+        self.budget = CLAIM_MIN_SECONDS
 
     # -- binding -------------------------------------------------------------
 
@@ -171,18 +177,13 @@ class Transaction:
         return True
 
     def _version_at(self, ref: Ref[Any]) -> tuple[int, Any]:
-        """The newest version of ``ref`` not after ``rp``, from its history."""
-        rp = self.rp
-        cur = ref._cur
-        if cur[0] <= rp:
-            return cur
-        h = ref._hist
-        if h is not None:
-            for i in range(len(h) - 1, -1, -1):
-                v = h[i]
-                if v[0] <= rp:
-                    return v
-        raise _Conflict((ref,), fault=True)
+        """The newest version of ``ref`` not after ``rp``: its history ring, else the log."""
+        store = self.store
+        assert store is not None
+        v = version_at(store, ref, self.rp)
+        if v is None:
+            raise _Conflict((ref,), fault=True)
+        return v
 
     def _stale_checked(self, ref: Ref[Any]) -> tuple[int, Any]:
         """A checked read of a ref that changed after ``rp``: extend or retry now."""
@@ -286,7 +287,7 @@ class Transaction:
 
     # -- commit --------------------------------------------------------------
 
-    def commit(self, pin: bool = False) -> tuple[int, list[tuple[Ref[Any], Any, Any]], list[Waiter]]:
+    def commit(self, pin: bool = False) -> tuple[int, list[tuple[Ref[Any], Any, Any]], list[Waiter] | None, bool]:
         """Validate and install every write at one new ``t``; returns (t, changes, wake).
 
         Raises ``_Conflict`` to retry, ``ValidationError`` or a commute function's
@@ -326,21 +327,30 @@ class Transaction:
                     _validate(r, v)
             # all values calculated and validated; no more client code runs below
             t += 1
-            floor = store._floor(t)
             changes: list[tuple[Ref[Any], Any, Any]] = []
-            wake: list[Waiter] = []
+            wake: list[Waiter] | None = None
+            watched = False
             for r, v in vals.items():
                 old = r._cur
-                if floor < t or r._keep:
-                    _keep_version(store, r, old, floor, t)
+                if r._keep:
+                    _keep_version(store, r, old)
                 r._cur = (t, v)
                 changes.append((r, old[1], v))
+                if r._watches:
+                    watched = True
                 if r._waiters:
+                    if wake is None:
+                        wake = []
                     wake.extend(r._waiters)
                     r._waiters = None
             store._t = t
-            store._record(t, changes, floor)
+            log = store._log
+            log.append((t, _time(), changes))
+            if len(log) >= store._trim_len:
+                store._trim(t)
             if store._tick:
+                if wake is None:
+                    wake = []
                 wake.extend(store._tick)
                 store._tick = []
             if pin:
@@ -348,13 +358,15 @@ class Transaction:
                 store._pin(t)
             store._commits += 1
             store._attempts += self.attempts
-        return t, changes, wake
+        return t, changes, wake, watched
 
     # -- contention ----------------------------------------------------------
 
     async def claim(self, refs: Iterable[Ref[Any]]) -> None:
         """Hold the claims on ``refs`` (and those already held), in ref order."""
         held = self.claims
+        if held is None:
+            held = self.claims = []
         new = {r for r in refs if r._claim is not self} - set(held)
         if not new:
             return
@@ -369,47 +381,62 @@ class Transaction:
     async def _claim_one(self, ref: Ref[Any]) -> None:
         """Take the claim on ``ref``, waiting in its FIFO queue.
 
-        A claimant that overstays its deadline (say, its body awaits something
-        that needs this very ref) is bypassed rather than waited on forever.
+        Only the head of the queue times the holder: a holder that overstays
+        its deadline (say, its body awaits something that needs this very ref)
+        is bypassed rather than waited on forever.
         """
         store = self.store
         assert store is not None
+        entry: list[Any] = [self, None]
         with store._lock:
             if ref._claim is None:
                 ref._claim = self
+                self.deadline = _monotonic() + self.budget
                 store._nclaims += 1
+                assert self.claims is not None
                 self.claims.append(ref)
                 return
-            w = Waiter()
             q = ref._queue
             if q is None:
                 q = ref._queue = deque()
-            q.append((self, w))
+            q.append(entry)
         try:
             while True:
-                holder = ref._claim
-                wait = holder.deadline - _monotonic() if holder is not None else 0.0
-                with anyio.move_on_after(max(wait, 0.001)):
-                    await w.wait()
-                if w.fired:
-                    break
+                w = Waiter()
                 with store._lock:
-                    if w.fired:
+                    holder = ref._claim
+                    if holder is self:
                         break
-                    if ref._claim is holder and (holder is None or holder.deadline <= _monotonic()):
-                        ref._queue.remove((self, w))  # type: ignore[union-attr]
-                        return  # stuck claimant: go ahead without the claim
+                    assert q is not None and holder is not None
+                    entry[1] = w
+                    head = q[0] is entry
+                    wait = holder.deadline - _monotonic()
+                    if head and wait <= 0:
+                        q.popleft()  # the holder is stuck: go ahead without the claim
+                        if q:
+                            q[0][1].fire()
+                        return
+                if head:
+                    with anyio.move_on_after(wait):
+                        await w.wait()
+                else:
+                    await w.wait()
         except BaseException:
             with store._lock:
+                wake = []
                 if ref._claim is self:
                     wake = _handoff(store, ref)
                 else:
-                    wake = None
                     assert ref._queue is not None
-                    ref._queue.remove((self, w))
-            if wake is not None:
-                wake.fire()
+                    was_head = ref._queue[0] is entry
+                    ref._queue.remove(entry)
+                    if was_head and ref._queue:
+                        wake.append(ref._queue[0][1])
+            for x in wake:
+                if x is not None:
+                    x.fire()
             raise
+        assert self.claims is not None
         self.claims.append(ref)
 
     def release_claims(self) -> None:
@@ -418,16 +445,15 @@ class Transaction:
             return
         store = self.store
         assert store is not None
-        wake = []
+        wake: list[Waiter | None] = []
         with store._lock:
             for r in claims:
                 if r._claim is self:
-                    w = _handoff(store, r)
-                    if w is not None:
-                        wake.append(w)
+                    wake.extend(_handoff(store, r))
         claims.clear()
         for w in wake:
-            w.fire()
+            if w is not None:
+                w.fire()
 
     # -- blocking retry ------------------------------------------------------
 
@@ -481,17 +507,22 @@ def _ord(ref: Ref[Any]) -> int:
     return ref._ord
 
 
-def _handoff(store: Store, ref: Ref[Any]) -> Waiter | None:
-    """Pass the claim on ``ref`` to the next in line (call under the store lock)."""
+def _handoff(store: Store, ref: Ref[Any]) -> list[Waiter | None]:
+    """Pass the claim on ``ref`` to the next in line (under the store lock); returns whom to wake.
+
+    Wakes the new holder, and the new head of the queue so that it starts
+    timing that holder.
+    """
     q = ref._queue
     if q:
         tx, w = q.popleft()
         ref._claim = tx
-        return w
+        tx.deadline = _monotonic() + tx.budget
+        return [w, q[0][1]] if q else [w]
     ref._claim = None
     ref._heat = 0
     store._nclaims -= 1
-    return None
+    return []
 
 
 def _validate(ref: Ref[Any], value: Any) -> None:
@@ -510,36 +541,62 @@ def _validate_value(name: str, validator: Callable[[Any], Any], value: Any) -> N
         raise ValidationError(name, value)
 
 
-def _keep_version(store: Store, ref: Ref[Any], old: tuple[int, Any], floor: int, t: int) -> None:
-    """Append the superseded version to the ref's history and trim what no reader needs."""
+def _keep_version(store: Store, ref: Ref[Any], old: tuple[int, Any]) -> None:
+    """Keep the superseded version in the ref's ring of ``ref._keep`` versions.
+
+    Only refs whose readers faulted (needed a version nobody kept) have a ring;
+    it grows on each fault and shrinks again while nobody faults (``decay``).
+    """
     h = ref._hist
     if h is None:
         h = ref._hist = deque()
         store._versioned.add(ref)
     h.append(old)
-    keep = ref._keep
-    while len(h) > keep:
-        successor = h[1][0] if len(h) > 1 else t
-        if successor > floor:
-            break
+    while len(h) > ref._keep:
         h.popleft()
 
 
-def prune_history(ref: Ref[Any], floor: int) -> bool:
-    """Trim a ref's history to what ``floor`` needs; True when nothing is left."""
+def decay_history(ref: Ref[Any]) -> bool:
+    """Halve a ref's kept history (no reader faulted on it lately); True when none is left."""
+    ref._keep //= 2
     h = ref._hist
-    if h is None:
-        return True
-    keep = ref._keep
-    while len(h) > keep:
-        successor = h[1][0] if len(h) > 1 else ref._cur[0]
-        if successor > floor:
-            break
-        h.popleft()
-    if not h:
+    if h is not None:
+        while len(h) > ref._keep:
+            h.popleft()
+        if h:
+            return False
         ref._hist = None
-        return True
-    return False
+    return ref._keep == 0
+
+
+def version_at(store: Store, ref: Ref[Any], t: int) -> tuple[int, Any] | None:
+    """The version of ``ref`` visible at ``t``, or None when no longer kept anywhere.
+
+    Looks at the newest version, then the ref's own ring, then the store's
+    commit log (which retains every superseded value for its window).
+    """
+    cur = ref._cur
+    if cur[0] <= t:
+        return cur
+    h = ref._hist
+    if h is not None:
+        for i in range(len(h) - 1, -1, -1):
+            v = h[i]
+            if v[0] <= t:
+                return v
+    with store._lock:
+        log = store._log
+        if not log:
+            return None
+        first = log[0][0]
+        if t + 1 < first:
+            return None
+        for i in range(t + 1 - first, len(log)):
+            for r, old, _new in log[i][2]:
+                if r is ref:
+                    # the first change after t replaced the value visible at t
+                    return (t, old)
+    return None
 
 
 def pin_floor(pins: dict[int, int], heap: list[int]) -> int | None:
@@ -559,20 +616,24 @@ async def run_transaction(
     kwargs: dict[str, Any],
     retry_limit: int | None = None,
     report: bool = False,
-) -> tuple[Any, Transaction, int | None, list[tuple[Ref[Any], Any, Any]] | None]:
+) -> Any:
     """Run ``fn`` as a transaction, retrying on conflict; joins an outer one.
 
-    Returns ``(result, tx, t, changes)``; ``t`` is None for a read-only or
-    joined transaction.
+    Returns the body's result, or with ``report`` a :class:`TxReport`.
     """
     outer = _current.get()
     if outer is not None:
+        if report:
+            raise RuntimeError(
+                "store.transact() reports one commit and cannot run inside another "
+                "transaction; use store.atomically() to join the outer transaction"
+            )
         if store is not None:
             outer.bind_store(store)
         r = fn(*args, **kwargs)
         if type(r) is _CoroutineType:
             r = await r
-        return r, outer, None, None
+        return r
     if store is not None and store._closed:
         raise StoreClosed()
     tx = Transaction(store)
@@ -580,45 +641,73 @@ async def run_transaction(
     try:
         while True:
             tx.attempts += 1
-            tx.started = _monotonic()
             try:
                 r = fn(*args, **kwargs)
                 if type(r) is _CoroutineType:
                     r = await r
                 if not tx.vals:
                     return await _finish_read_only(tx, r, report)
-                t, changes, wake = tx.commit(report)
+                t, changes, wake, watched = tx.commit(report)
             except _Conflict as c:
                 await _after_conflict(tx, c, retry_limit)
                 continue
             except _Blocked:
                 await tx.wait_for_change()
                 tx.reset()
+                tx.started = _monotonic()
                 continue
             break
-        tx.release_claims()
-        for w in wake:
-            w.fire()
-        await _after_commit(tx, changes)
-        return r, tx, t, changes
+        if tx.claims:
+            tx.release_claims()
+        if wake is not None:
+            for w in wake:
+                w.fire()
+        if watched or tx.effects is not None:
+            await _after_commit(tx, changes)
+        if report:
+            return _report(tx, r, t, changes)
+        return r
     except BaseException:
-        tx.release_claims()
+        if tx.claims:
+            tx.release_claims()
         raise
     finally:
         _current.reset(token)
 
 
-async def _finish_read_only(tx: Transaction, result: Any, report: bool) -> tuple[Any, Transaction, int | None, None]:
+def _report(tx: Transaction, result: Any, t: int | None, changes: list[tuple[Ref[Any], Any, Any]]) -> TxReport[Any]:
+    """The TxReport of a finished transaction (its dbs were pinned under the commit lock)."""
+    store = tx.store
+    now = time.time()
+    if store is None:
+        raise RuntimeError("store.transact(): the body touched no ref of the store")
+    if t is None:
+        db = Db(store, tx.rp, True)
+        return TxReport(tx.rp, result, db, db, (), now)
+    return TxReport(
+        t,
+        result,
+        Db(store, t - 1, True),
+        Db(store, t, True),
+        tuple(Change(r, o, n) for r, o, n in changes),
+        now,
+    )
+
+
+async def _finish_read_only(tx: Transaction, result: Any, report: bool) -> Any:
     store = tx.store
     if store is not None:
         with store._lock:
             store._attempts += tx.attempts
             if report:
                 store._pin(tx.rp)
-    tx.release_claims()
+    if tx.claims:
+        tx.release_claims()
     if tx.effects:
         await _run_effects(tx.effects)
-    return result, tx, None, None
+    if report:
+        return _report(tx, result, None, [])
+    return result
 
 
 async def _after_conflict(tx: Transaction, c: _Conflict, retry_limit: int | None) -> None:
@@ -648,14 +737,16 @@ async def _after_conflict(tx: Transaction, c: _Conflict, retry_limit: int | None
     else:
         to_claim = {r for r in c.refs if r._heat >= HOT_REF_CONFLICTS or r._claim is not None}
     if to_claim:
-        took = _monotonic() - tx.started
-        await tx.claim(to_claim)
+        # unknown for a first attempt: then the minimum deadline applies
+        took = _monotonic() - tx.started if tx.started else 0.0
         # others yield to our claims for about as long as the body took, then no more
-        tx.deadline = _monotonic() + max(CLAIM_MIN_SECONDS, CLAIM_TIME_FACTOR * took)
+        tx.budget = max(CLAIM_MIN_SECONDS, CLAIM_TIME_FACTOR * took)
+        await tx.claim(to_claim)
     elif failures >= 2:
         # exponential backoff with full jitter, 0.1 ms doubling up to 10 ms
         await anyio.sleep(random.uniform(0, min(0.01, 0.0001 * (1 << min(failures, 7)))))
     tx.reset()
+    tx.started = _monotonic()
 
 
 async def _after_commit(tx: Transaction, changes: list[tuple[Ref[Any], Any, Any]]) -> None:
@@ -773,16 +864,17 @@ def transactional(
 def transactional(fn: Any = None, *, retry_limit: int | None = None) -> Any:
     """Make a function a transaction: calling it runs it atomically, retried on conflict.
 
-    Works on ``async def`` and plain ``def``; the result is always awaited. The
-    store is the one of the first ref the body touches. Called inside another
-    transaction, it joins that one.
+    Works on ``async def`` and plain ``def``; the call always returns an
+    awaitable. The store is the one of the first ref the body touches. Called
+    inside another transaction, it joins that one.
     """
     if fn is None:
         return functools.partial(transactional, retry_limit=retry_limit)
 
+    # a plain function returning the runner's coroutine: one frame, not two
     @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return (await run_transaction(None, fn, args, kwargs, retry_limit))[0]
+    def wrapper(*args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        return run_transaction(None, fn, args, kwargs, retry_limit)
 
     return wrapper
 

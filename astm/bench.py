@@ -1,0 +1,348 @@
+"""Benchmarks: ``python -m astm.bench`` prints each case against a baseline run in the same process.
+
+Figures are ratios to the baseline measured in the same run, because the
+machines these run on are shared and noisy. ``--quick`` runs every case small
+(a smoke test, used by the test suite); ``--json`` prints the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+
+import anyio
+import anyio.lowlevel
+from pyrsistent import pmap
+
+import astm
+
+__all__ = ["Row", "main", "run_all"]
+
+
+@dataclass
+class Row:
+    """One line of the table: a case, astm's figure, the baseline's, and their ratio."""
+
+    case: str
+    astm: float
+    baseline: float
+    unit: str
+    ratio: float
+    target: str
+    extra: str = ""
+
+
+def _sub(v: int, n: int) -> int:
+    return v - n
+
+
+def _add(v: int, n: int) -> int:
+    return v + n
+
+
+async def _uncontended(n: int) -> Row:
+    """1. One task, transfers between 2 of 1000 refs: astm vs dicts under one asyncio.Lock."""
+    store = astm.Store()
+    refs = [store.ref(f"acct-{i}", 1_000_000) for i in range(1000)]
+    rng = random.Random(1)
+    pairs = [rng.sample(range(1000), 2) for _ in range(1024)]
+
+    @astm.transactional
+    async def transfer(a: astm.Ref[int], b: astm.Ref[int], amount: int) -> None:
+        a.alter(_sub, amount)
+        b.alter(_add, amount)
+
+    t0 = time.perf_counter()
+    for i in range(n):
+        x, y = pairs[i & 1023]
+        await transfer(refs[x], refs[y], 1)
+    astm_rate = n / (time.perf_counter() - t0)
+
+    balances = {i: 1_000_000 for i in range(1000)}
+    lock = asyncio.Lock()
+
+    async def lock_transfer(a: int, b: int, amount: int) -> None:
+        async with lock:
+            balances[a] -= amount
+            balances[b] += amount
+
+    t0 = time.perf_counter()
+    for i in range(n):
+        x, y = pairs[i & 1023]
+        await lock_transfer(x, y, 1)
+    lock_rate = n / (time.perf_counter() - t0)
+    assert sum(r.get() for r in refs) == sum(balances.values()) == 1000 * 1_000_000
+    return Row("uncontended transfer, 1 task", astm_rate, lock_rate, "tx/s", astm_rate / lock_rate, ">= 0.40")
+
+
+async def _concurrent(tasks: int, seconds: float) -> Row:
+    """2. 1000 tasks, 2 random refs of 10,000, sleep(1 ms) in the body: astm vs one global lock."""
+    store = astm.Store()
+    nrefs = 10_000
+    refs = [store.ref(f"acct-{i}", 1000) for i in range(nrefs)]
+
+    async def body(a: astm.Ref[int], b: astm.Ref[int]) -> None:
+        a.alter(_sub, 1)
+        await anyio.sleep(0.001)
+        b.alter(_add, 1)
+
+    async def run(worker: Callable[[random.Random], Awaitable[None]]) -> float:
+        count = 0
+        deadline = time.perf_counter() + seconds
+
+        async def loop(seed: int) -> None:
+            nonlocal count
+            rng = random.Random(seed)
+            while time.perf_counter() < deadline:
+                await worker(rng)
+                count += 1
+
+        t0 = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for i in range(tasks):
+                tg.start_soon(loop, i)
+        return count / (time.perf_counter() - t0)
+
+    async def astm_worker(rng: random.Random) -> None:
+        x, y = rng.sample(range(nrefs), 2)
+        await store.atomically(body, refs[x], refs[y])
+
+    balances = [1000] * nrefs
+    lock = asyncio.Lock()
+
+    async def lock_worker(rng: random.Random) -> None:
+        x, y = rng.sample(range(nrefs), 2)
+        async with lock:
+            balances[x] -= 1
+            await anyio.sleep(0.001)
+            balances[y] += 1
+
+    astm_rate = await run(astm_worker)
+    lock_rate = await run(lock_worker)
+    assert sum(r.get() for r in refs) == nrefs * 1000, "invariant broken"
+    stats = store.stats()
+    return Row(
+        f"{tasks} tasks, 2 of {nrefs} refs, 1 ms await in body",
+        astm_rate,
+        lock_rate,
+        "tx/s",
+        astm_rate / lock_rate,
+        ">= 50",
+        f"attempts/commit {stats.attempts / max(stats.commits, 1):.3f}",
+    )
+
+
+async def _hot_counter(tasks: int, per_task: int) -> Row:
+    """3. Hot counter, 100 tasks with an await in the body: alter vs commute."""
+
+    async def run(use_commute: bool) -> tuple[float, float]:
+        store = astm.Store()
+        hits = store.ref("hits", 0)
+
+        async def body() -> None:
+            if use_commute:
+                hits.commute(_add, 1)
+            else:
+                hits.alter(_add, 1)
+            await anyio.lowlevel.checkpoint()
+
+        async def loop() -> None:
+            for _ in range(per_task):
+                await store.atomically(body)
+
+        t0 = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for _ in range(tasks):
+                tg.start_soon(loop)
+        elapsed = time.perf_counter() - t0
+        assert hits.get() == tasks * per_task
+        stats = store.stats()
+        return stats.commits / elapsed, stats.attempts / stats.commits
+
+    alter_rate, alter_apc = await run(False)
+    commute_rate, commute_apc = await run(True)
+    return Row(
+        f"hot counter, {tasks} tasks: commute vs alter",
+        commute_rate,
+        alter_rate,
+        "tx/s",
+        commute_rate / alter_rate,
+        "commute 1.0 attempts/commit",
+        f"attempts/commit: commute {commute_apc:.3f}, alter {alter_apc:.3f}",
+    )
+
+
+async def _flash_crowd(tasks: int) -> Row:
+    """4. Flash crowd: thousands of tasks reserve from one seats map, an await in the body."""
+    store = astm.Store()
+    seats = store.ref("seats", pmap({i: -1 for i in range(tasks)}))
+    free = store.ref("free", tuple(range(tasks)))
+
+    async def reserve(customer: int) -> None:
+        async def body() -> None:
+            available = free.get()
+            await anyio.lowlevel.checkpoint()
+            seat = available[0]
+            free.set(available[1:])
+            seats.alter(lambda m: m.set(seat, customer))
+
+        await store.atomically(body)
+
+    t0 = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for c in range(tasks):
+            tg.start_soon(reserve, c)
+    astm_rate = tasks / (time.perf_counter() - t0)
+    assert sorted(seats.get().values()) == list(range(tasks)), "a seat was sold twice"
+    stats = store.stats()
+
+    lock = asyncio.Lock()
+    lseats = pmap({i: -1 for i in range(tasks)})
+    lfree = tuple(range(tasks))
+
+    async def lock_reserve(customer: int) -> None:
+        nonlocal lseats, lfree
+        async with lock:
+            available = lfree
+            await anyio.lowlevel.checkpoint()
+            lfree = available[1:]
+            lseats = lseats.set(available[0], customer)
+
+    t0 = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for c in range(tasks):
+            tg.start_soon(lock_reserve, c)
+    lock_rate = tasks / (time.perf_counter() - t0)
+    return Row(
+        f"flash crowd, {tasks} tasks on one seats map",
+        astm_rate,
+        lock_rate,
+        "tx/s",
+        astm_rate / lock_rate,
+        "<= 3 attempts/commit",
+        f"attempts/commit {stats.attempts / stats.commits:.3f}",
+    )
+
+
+async def _retry_wakeup(rounds: int) -> Row:
+    """Wake-up latency of an astm.retry() waiter after the commit it waits for."""
+    store = astm.Store()
+    box = store.ref("box", 0)
+    latencies: list[float] = []
+    committed_at = 0.0
+
+    async def consumer() -> None:
+        for i in range(1, rounds + 1):
+
+            def take(i: int = i) -> None:
+                astm.check(box.get() >= i)
+
+            await store.atomically(take)
+            latencies.append(time.perf_counter() - committed_at)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consumer)
+        for _ in range(rounds):
+            await anyio.sleep(0.0005)
+            committed_at = time.perf_counter()
+            await store.atomically(lambda: box.alter(_add, 1))
+    # baseline: the same hand-off through an anyio.Event
+    base: list[float] = []
+    for _ in range(rounds):
+        ev = anyio.Event()
+        t0 = 0.0
+
+        async def waiter(ev: anyio.Event = ev) -> None:
+            await ev.wait()
+            base.append(time.perf_counter() - t0)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await anyio.sleep(0.0005)
+            t0 = time.perf_counter()
+            ev.set()
+    med = statistics.median(latencies) * 1e6
+    p99 = sorted(latencies)[int(len(latencies) * 0.99) - 1] * 1e6
+    bmed = statistics.median(base) * 1e6
+    return Row(
+        "retry() wake-up after commit (median)",
+        med,
+        bmed,
+        "µs",
+        med / bmed,
+        "no polling",
+        f"p99 {p99:.0f} µs; baseline is an anyio.Event hand-off",
+    )
+
+
+async def _db_reads(n: int) -> Row:
+    """store.db() + 10 reads vs a transaction doing the same 10 reads."""
+    store = astm.Store()
+    refs = [store.ref(f"r{i}", i) for i in range(10)]
+
+    def read_all() -> int:
+        return sum(r.get() for r in refs)
+
+    t0 = time.perf_counter()
+    for _ in range(n):
+        db = store.db()
+        s = 0
+        for r in refs:
+            s += db[r]
+    db_rate = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        await store.atomically(read_all)
+    tx_rate = n / (time.perf_counter() - t0)
+    return Row("db() + 10 reads vs read-only tx", db_rate, tx_rate, "ops/s", db_rate / tx_rate, "")
+
+
+def run_all(quick: bool = False) -> list[Row]:
+    """Run every case and return the rows."""
+
+    async def main() -> list[Row]:
+        rows = [await _uncontended(2_000 if quick else 100_000)]
+        rows.append(await _concurrent(100 if quick else 1000, 0.2 if quick else 2.0))
+        rows.append(await _hot_counter(100, 2 if quick else 20))
+        rows.append(await _flash_crowd(300 if quick else 5000))
+        rows.append(await _retry_wakeup(20 if quick else 300))
+        rows.append(await _db_reads(1_000 if quick else 50_000))
+        return rows
+
+    return astm.run(main)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m astm.bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small runs (a smoke test)")
+    parser.add_argument("--json", action="store_true", help="print rows as JSON")
+    args = parser.parse_args(argv)
+    rows = run_all(args.quick)
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+        return 0
+    header = ("case", "astm", "baseline", "unit", "ratio", "target", "notes")
+    table = [header] + [
+        (r.case, _fmt(r.astm), _fmt(r.baseline), r.unit, f"{r.ratio:.2f}", r.target, r.extra) for r in rows
+    ]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
