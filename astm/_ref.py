@@ -71,7 +71,8 @@ class Ref(Generic[T]):
         self._watches: dict[Any, Watch] | None = None
         self._waiters: set[Waiter] | None = None
         self._claim: Transaction | None = None
-        self._queue: deque[tuple[Transaction, Waiter]] | None = None
+        #: contenders waiting for the claim: [transaction, waiter] pairs, FIFO
+        self._queue: deque[list[Any]] | None = None
         self._heat = 0
         self._conflicts = 0
         self._ord = ordinal

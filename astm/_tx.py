@@ -407,7 +407,8 @@ class Transaction:
                     holder = ref._claim
                     if holder is self:
                         break
-                    assert q is not None and holder is not None
+                    assert q is not None
+                    assert holder is not None
                     entry[1] = w
                     head = q[0] is entry
                     wait = holder.deadline - _monotonic()

@@ -257,16 +257,16 @@ async def _retry_wakeup(rounds: int) -> Row:
     base: list[float] = []
     for _ in range(rounds):
         ev = anyio.Event()
-        t0 = 0.0
+        set_at = [0.0]
 
-        async def waiter(ev: anyio.Event = ev) -> None:
+        async def waiter(ev: anyio.Event = ev, set_at: list[float] = set_at) -> None:
             await ev.wait()
-            base.append(time.perf_counter() - t0)
+            base.append(time.perf_counter() - set_at[0])
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(waiter)
             await anyio.sleep(0.0005)
-            t0 = time.perf_counter()
+            set_at[0] = time.perf_counter()
             ev.set()
     med = statistics.median(latencies) * 1e6
     p99 = sorted(latencies)[int(len(latencies) * 0.99) - 1] * 1e6
