@@ -24,7 +24,11 @@ R = TypeVar("R")
 
 
 class Db:
-    """The immutable value of a store at basis ``t``: ``db[ref]``, ``db.get(ref)``, ``ref in db``."""
+    """The immutable value of a store at basis ``t``: ``db[ref]``, ``db.get(ref)``, ``ref in db``.
+
+    A ref has its initial value at every ``t`` before its first commit (creating
+    a ref is not a commit), so every ref of the store is in every db value.
+    """
 
     __slots__ = ("_pinned", "_store", "t")
 
@@ -39,12 +43,10 @@ class Db:
         if self._pinned:
             self._store._unpins.append(self.t)
 
-    def _version(self, ref: Ref[T]) -> tuple[int, T] | None:
+    def _version(self, ref: Ref[T]) -> tuple[int, T]:
         if ref._store is not self._store:
             raise ValueError(f"ref {ref.name!r} belongs to another store than this db value")
         t = self.t
-        if ref._created > t:
-            return None
         cur = ref._cur
         if cur[0] <= t:
             return cur
@@ -56,24 +58,24 @@ class Db:
         return v
 
     def __getitem__(self, ref: Ref[T]) -> T:
-        v = self._version(ref)
-        if v is None:
-            raise KeyError(f"ref {ref.name!r} did not exist yet at t={self.t}")
-        return v[1]
+        return self._version(ref)[1]
 
     @overload
     def get(self, ref: Ref[T]) -> T | None: ...
     @overload
     def get(self, ref: Ref[T], default: D) -> T | D: ...
     def get(self, ref: Ref[T], default: Any = None) -> Any:
-        """The ref's value at ``t``, or ``default`` if it did not exist yet."""
-        v = self._version(ref)
-        return default if v is None else v[1]
+        """The ref's value at ``t``, or ``default`` when ``ref`` is not a ref of this store."""
+        from ._ref import Ref
+
+        if not isinstance(ref, Ref) or ref._store is not self._store:
+            return default
+        return self._version(ref)[1]
 
     def __contains__(self, ref: object) -> bool:
         from ._ref import Ref
 
-        return isinstance(ref, Ref) and ref._store is self._store and ref._created <= self.t
+        return isinstance(ref, Ref) and ref._store is self._store
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Db) and other._store is self._store and other.t == self.t

@@ -37,7 +37,6 @@ class Ref(Generic[T]):
         "__weakref__",
         "_claim",
         "_conflicts",
-        "_created",
         "_cur",
         "_heat",
         "_hist",
@@ -58,7 +57,6 @@ class Ref(Generic[T]):
         value: T,
         validator: Callable[[T], bool] | None,
         ordinal: int,
-        created: int,
     ) -> None:
         self._store = store
         self.name = name
@@ -76,7 +74,6 @@ class Ref(Generic[T]):
         self._heat = 0
         self._conflicts = 0
         self._ord = ordinal
-        self._created = created
 
     @property
     def store(self) -> Store:

@@ -6,10 +6,9 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
 from heapq import heappush
-from itertools import islice
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -127,7 +126,7 @@ class Store:
                 check_value(initial, name)
                 if validator is not None:
                     _validate_value(name, validator, initial)
-                r = Ref(self, name, initial, validator, len(self._refs), self._t)
+                r = Ref(self, name, initial, validator, len(self._refs))
                 self._refs[name] = r
                 return r
         if validator is not None and validator is not r._validator:
@@ -222,38 +221,28 @@ class Store:
             assert timeout is not None
             raise SyncTimeout(t, self._t, timeout) from None
 
-    async def reports(self, since: int | None = None) -> AsyncIterator[TxReport[None]]:
+    async def reports(self, since: int | None = None) -> AsyncGenerator[TxReport[None], None]:
         """Yield one :class:`TxReport` per commit after ``since`` (default: from now on), in order.
 
         Lossless and resumable: pass the ``t`` of the last report you handled.
-        A consumer that falls further behind than the store's history gets
-        ``HistoryUnavailable`` rather than a gap. Reports carry no ``result``.
+        Commits never wait for a consumer; one that falls further behind than
+        the store's history gets ``HistoryUnavailable`` rather than a gap. The
+        reports' db values read the retained history: they do not pin it (a
+        stuck consumer must not hold memory), so keep what you need from them
+        while you handle the report. Reports carry no ``result``.
         """
         pos = self._t if since is None else since
         if not isinstance(pos, int) or isinstance(pos, bool) or pos < 0:
             raise TypeError(f"reports(since): since must be a non-negative int, got {since!r}")
         while True:
-            batch: list[TxReport[None]] = []
             w = None
             with self._lock:
-                log = self._log
                 if pos < self._t:
+                    log = self._log
                     first = log[0][0] if log else self._t + 1
                     if pos + 1 < first:
                         raise HistoryUnavailable(pos, first - 1, "reports(since)")
-                    for t, when, changes in islice(log, pos + 1 - first, None):
-                        self._pin(t - 1)
-                        self._pin(t)
-                        batch.append(
-                            TxReport(
-                                t,
-                                None,
-                                Db(self, t - 1, True),
-                                Db(self, t, True),
-                                tuple(Change(r, o, n) for r, o, n in changes),
-                                when,
-                            )
-                        )
+                    t, when, changes = log[pos + 1 - first]
                 elif self._closed:
                     return
                 else:
@@ -262,9 +251,16 @@ class Store:
             if w is not None:
                 await w.wait()
                 continue
-            for rep in batch:
-                pos = rep.t
-                yield rep
+            pos = t
+            yield TxReport(
+                t,
+                None,
+                Db(self, t - 1, False),
+                Db(self, t, False),
+                tuple(Change(r, o, n) for r, o, n in changes),
+                when,
+            )
+            del changes
 
     # -- internal: history -------------------------------------------------------
 
