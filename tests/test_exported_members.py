@@ -1,0 +1,34 @@
+"""The public API: every name in astm.__all__ exists, and nothing private leaks."""
+
+from __future__ import annotations
+
+import astm
+
+
+def test_all_exports_exist_and_say_astm() -> None:
+    """Every exported name exists and reports module 'astm' (tracebacks say astm.Ref)."""
+    for name in astm.__all__:
+        obj = getattr(astm, name)
+        if hasattr(obj, "__module__") and not name.startswith("__"):
+            assert obj.__module__ == "astm", name
+
+
+def test_public_surface_is_pinned() -> None:
+    """The names users rely on (DESIGN.md) are all exported."""
+    expected = {
+        "AstmError", "Atom", "AtomInTransactionError", "Change", "CommuteConflictError", "Db",
+        "HistoryUnavailable", "IOInTransactionError", "MutableValueError", "NotInTransactionError",
+        "Ref", "RetryLimitExceeded", "Stats", "Store", "StoreClosed", "StoreMismatchError",
+        "SyncTimeout", "TxReport", "ValidationError", "after_commit", "check", "in_transaction",
+        "io", "or_else", "retry", "run", "transactional",
+    }  # fmt: skip
+    assert set(astm.__all__) == expected
+    assert astm.__all__ == sorted(astm.__all__)
+
+
+def test_errors_derive_from_astm_error() -> None:
+    """Every public error is an AstmError."""
+    for name in astm.__all__:
+        obj = getattr(astm, name)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            assert issubclass(obj, astm.AstmError), name
