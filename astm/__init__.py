@@ -5,10 +5,13 @@ timeline of immutable db values, and blocking retry. See the user guide in
 ``docs/``.
 """
 
+from ._agent import Agent as Agent
+from ._agent import AgentFamily as AgentFamily
 from ._atom import Atom as Atom
 from ._db import Change as Change
 from ._db import Db as Db
 from ._db import TxReport as TxReport
+from ._errors import AgentFailed as AgentFailed
 from ._errors import AstmError as AstmError
 from ._errors import AtomInTransactionError as AtomInTransactionError
 from ._errors import CommuteConflictError as CommuteConflictError
@@ -21,6 +24,9 @@ from ._errors import StoreClosed as StoreClosed
 from ._errors import StoreMismatchError as StoreMismatchError
 from ._errors import SyncTimeout as SyncTimeout
 from ._errors import ValidationError as ValidationError
+from ._outbox import DeadLetter as DeadLetter
+from ._outbox import Effect as Effect
+from ._outbox import Outbox as Outbox
 from ._ref import Ref as Ref
 from ._run import run as run
 from ._store import Stats as Stats
@@ -36,16 +42,22 @@ from ._tx import transactional as transactional
 __version__ = "0.1.0"
 
 __all__ = [
+    "Agent",
+    "AgentFailed",
+    "AgentFamily",
     "AstmError",
     "Atom",
     "AtomInTransactionError",
     "Change",
     "CommuteConflictError",
     "Db",
+    "DeadLetter",
+    "Effect",
     "HistoryUnavailable",
     "IOInTransactionError",
     "MutableValueError",
     "NotInTransactionError",
+    "Outbox",
     "Ref",
     "RetryLimitExceeded",
     "Stats",

@@ -13,6 +13,7 @@ The tree::
     ├── RetryLimitExceeded                     a transaction kept conflicting
     ├── HistoryUnavailable (LookupError)       as_of / reports beyond retention
     ├── SyncTimeout (TimeoutError)             sync(t) waited too long
+    ├── AgentFailed (RuntimeError)             a send to (or wait on) a failed agent
     └── StoreClosed (RuntimeError)             work submitted to a closed store
 
 Private control-flow signals (``_Conflict``, ``_Blocked``) derive from
@@ -26,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 __all__ = [
+    "AgentFailed",
     "AstmError",
     "AtomInTransactionError",
     "CommuteConflictError",
@@ -172,6 +174,18 @@ class SyncTimeout(AstmError, TimeoutError):
         super().__init__(
             f"sync({t}) timed out after {timeout:g}s: this store is at t={basis}, {t - basis} commit(s) behind"
         )
+
+
+class AgentFailed(AstmError, RuntimeError):
+    """Raised when sending to, or waiting on, an agent whose action failed in ``"fail"`` mode."""
+
+    def __init__(self, agent: str, error: BaseException) -> None:
+        self.agent = agent
+        self.error = error
+        super().__init__(
+            f"agent {agent} failed with {error!r} and accepts no actions; call agent.restart(state) to resume it"
+        )
+        self.__cause__ = error
 
 
 class StoreClosed(AstmError, RuntimeError):

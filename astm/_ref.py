@@ -10,10 +10,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from ._backend import Waiter
 from ._errors import NotInTransactionError
 from ._tx import _NO, Transaction, _current
 from ._values import _IMMUTABLE_FAST, check_value
-from ._waiter import Waiter
 
 if TYPE_CHECKING:
     from ._store import Store

@@ -14,13 +14,15 @@ from typing import Any, TypeVar
 
 import anyio
 
+from ._agent import Agent, AgentFamily, ErrorMode
 from ._atom import Atom
+from ._backend import Waiter
 from ._db import Change, Db, TxReport
 from ._errors import HistoryUnavailable, StoreClosed, SyncTimeout
+from ._outbox import Effect, Handler, Outbox
 from ._ref import Ref
 from ._tx import _validate_value, decay_history, pin_floor, run_transaction
 from ._values import check_value
-from ._waiter import Waiter
 
 __all__ = ["Stats", "Store"]
 
@@ -59,7 +61,11 @@ class Store:
     ``as_of`` and ``reports(since=...)``: a commit is kept while it is among the
     newest ``history`` commits or younger than ``history_seconds``.
     ``retry_limit`` bounds the attempts of every transaction (per call with
-    ``atomically(..., retry_limit=...)``).
+    ``atomically(..., retry_limit=...)``). ``outbox_concurrency`` bounds the
+    outbox's parallel deliveries.
+
+    On this in-memory store, outbox entries not yet delivered when the process
+    ends are lost; the durable stores keep them.
     """
 
     def __init__(
@@ -69,6 +75,7 @@ class Store:
         history: int = 1000,
         history_seconds: float | None = None,
         retry_limit: int = 10_000,
+        outbox_concurrency: int = 16,
     ) -> None:
         if url is not None and url not in ("memory:", "memory://"):
             raise ValueError(
@@ -86,6 +93,9 @@ class Store:
         self._t = 0
         self._refs: dict[str, Ref[Any]] = {}
         self._atoms: dict[str, Atom[Any]] = {}
+        self._agents: dict[str, AgentFamily[Any]] = {}
+        #: the outbox: effects, pending entries, dead letters
+        self.outbox = Outbox(self, outbox_concurrency)
         self._closed = False
         self._history = history
         self._history_seconds = history_seconds
@@ -145,6 +155,58 @@ class Store:
                     raise ValueError(f"{name!r} already names a ref in this store; pick another name")
                 a = self._atoms[name] = Atom(name, initial, validator)
         return a
+
+    def agent(
+        self,
+        name: str,
+        state: T,
+        error_mode: ErrorMode = "fail",
+        error_handler: Callable[[Agent[T], BaseException], Any] | None = None,
+    ) -> Agent[T]:
+        """Get the agent called ``name``, creating it with ``state`` if it is new."""
+        return self._family(name, state, error_mode, error_handler, "agent")[None]
+
+    def agents(
+        self,
+        name: str,
+        initial: T,
+        error_mode: ErrorMode = "fail",
+        error_handler: Callable[[Agent[T], BaseException], Any] | None = None,
+    ) -> AgentFamily[T]:
+        """A family of agents: ``family[key]`` is the agent of that identity, created on first use.
+
+        Idle identities cost only their state: no task, no queue.
+        """
+        return self._family(name, initial, error_mode, error_handler, "family")
+
+    def _family(
+        self,
+        name: str,
+        initial: T,
+        error_mode: ErrorMode,
+        error_handler: Callable[[Agent[T], BaseException], Any] | None,
+        kind: str,
+    ) -> AgentFamily[T]:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"an agent name must be a non-empty str, got {name!r}")
+        with self._lock:
+            fam = self._agents.get(name)
+            if fam is None:
+                fam = self._agents[name] = AgentFamily(self, name, initial, error_mode, error_handler)
+                fam.kind = kind
+            elif fam.kind != kind:
+                raise ValueError(f"{name!r} already names an agent {fam.kind} in this store; pick another name")
+        return fam
+
+    def effect(
+        self, name: str, *, max_attempts: int = 5, backoff: float = 0.1, max_backoff: float = 30.0
+    ) -> Callable[[Handler], Effect]:
+        """Register a durable outbox effect: ``@store.effect("send-confirmation")``.
+
+        The handler is ``async def handler(payload, *, key)``; ``key`` is the
+        entry's idempotency key ``(t, seq)``, the same on every redelivery.
+        """
+        return self.outbox.effect(name, max_attempts=max_attempts, backoff=backoff, max_backoff=max_backoff)
 
     def refs(self) -> dict[str, Ref[Any]]:
         """Every ref of this store by name (a copy)."""
@@ -345,9 +407,19 @@ class Store:
         return self._closed
 
     async def aclose(self, timeout: float | None = None) -> None:
-        """Stop accepting transactions and wake everything waiting on this store."""
+        """Close the store: refuse new work, drain agents and the outbox, wake every waiter.
+
+        After this, transactions, sends and enqueues raise ``StoreClosed``.
+        Actions already queued and entries already committed are still
+        delivered, within ``timeout`` seconds if given.
+        """
         with self._lock:
             self._closed = True
+        with anyio.move_on_after(timeout):
+            for fam in list(self._agents.values()):
+                await fam._drained()
+            await self.outbox.drain()
+        with self._lock:
             tick, self._tick = self._tick, []
         for w in tick:
             w.fire()

@@ -32,6 +32,7 @@ import functools
 import inspect
 import logging
 import random
+import sys
 import time
 import types
 from collections import deque
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast, overl
 
 import anyio
 
+from ._backend import Waiter
 from ._db import Change, Db, TxReport
 from ._errors import (
     CommuteConflictError,
@@ -57,7 +59,6 @@ from ._errors import (
     _Conflict,
 )
 from ._values import check_value
-from ._waiter import Waiter
 
 if TYPE_CHECKING:
     from ._ref import Ref
@@ -112,6 +113,7 @@ class Transaction:
         "conflicts",
         "deadline",
         "effects",
+        "outbox",
         "peeks",
         "reads",
         "rp",
@@ -139,6 +141,8 @@ class Transaction:
         self.deadline = 0.0
         #: how long others yield to this transaction's claims once it holds them
         self.budget = CLAIM_MIN_SECONDS
+        #: outbox entries of this attempt: (effect name, payload, order key)
+        self.outbox: list[tuple[str, Any, Any]] | None = None
 
     # -- binding -------------------------------------------------------------
 
@@ -500,6 +504,7 @@ class Transaction:
         self.peeks = None
         self.commutes = None
         self.effects = None
+        self.outbox = None
         if self.store is not None:
             self.rp = self.store._t
 
@@ -646,7 +651,7 @@ async def run_transaction(
                 r = fn(*args, **kwargs)
                 if type(r) is _CoroutineType:
                     r = await r
-                if not tx.vals:
+                if not tx.vals and not tx.outbox:
                     return await _finish_read_only(tx, r, report)
                 t, changes, wake, watched = tx.commit(report)
             except _Conflict as c:
@@ -660,6 +665,10 @@ async def run_transaction(
             break
         if tx.claims:
             tx.release_claims()
+        if tx.outbox:
+            store = tx.store
+            assert store is not None
+            store.outbox.add_committed(t, tx.outbox)
         if wake is not None:
             for w in wake:
                 w.fire()
@@ -671,6 +680,10 @@ async def run_transaction(
     except BaseException:
         if tx.claims:
             tx.release_claims()
+        store = tx.store
+        if store is not None and not isinstance(sys.exc_info()[1], RetryLimitExceeded):
+            with store._lock:
+                store._attempts += tx.attempts
         raise
     finally:
         _current.reset(token)
@@ -829,6 +842,7 @@ async def or_else(*alternatives: Callable[[], Any]) -> Any:
         saved_vals = dict(tx.vals)
         saved_commutes = {k: list(v) for k, v in tx.commutes.items()} if tx.commutes else None
         saved_effects = list(tx.effects) if tx.effects else None
+        saved_outbox = list(tx.outbox) if tx.outbox else None
         try:
             r = alt()
             if inspect.isawaitable(r):
@@ -838,6 +852,7 @@ async def or_else(*alternatives: Callable[[], Any]) -> Any:
             tx.vals = saved_vals
             tx.commutes = saved_commutes
             tx.effects = saved_effects
+            tx.outbox = saved_outbox
             if i == len(alternatives) - 1:
                 raise
     raise AssertionError("unreachable")

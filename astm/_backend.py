@@ -1,4 +1,6 @@
-"""A one-shot wake-up that any thread may fire without blocking.
+"""The bridge to the running async backend (asyncio or trio): waking and spawning.
+
+``Waiter``: a one-shot wake-up that any thread may fire without blocking.
 
 Commits happen under a ``threading.Lock`` and may be made from several threads,
 each running its own event loop (asyncio or trio). A task that waits for a
@@ -13,13 +15,32 @@ for the result, which a committer must not do.)
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import sniffio
 
-__all__ = ["Waiter"]
+__all__ = ["Waiter", "spawn"]
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+def spawn(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+    """Start ``fn(*args)`` as a background task of the running event loop.
+
+    It runs in a fresh context, so no transaction leaks into it. Agents and the
+    outbox use this to run work only while there is work (no idle tasks).
+    """
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        trio.lowlevel.spawn_system_task(fn, *args, context=contextvars.Context())
+    else:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(fn(*args), context=contextvars.Context())
+        _background.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(_background.discard)
 
 
 def _set_future(fut: asyncio.Future[None]) -> None:
