@@ -128,7 +128,7 @@ class Outbox:
         self._dead: dict[Key, tuple[OutboxEntry, DeadLetter]] = {}
         self._pending = 0
         self._delivered = 0
-        self._running = False
+        self._workers = 0
         self._idle: list[Waiter] = []
         self._lock = threading.Lock()
 
@@ -166,10 +166,8 @@ class Outbox:
         with self._lock:
             for seq, (name, payload, order_key) in enumerate(entries):
                 self._admit_locked(OutboxEntry((t, seq), name, payload, order_key))
-            start = not self._running
-            self._running = True
-        if start:
-            spawn(self._dispatch)
+            hire = self._hire_locked()
+        self._hire(hire)
 
     def _admit_locked(self, entry: OutboxEntry) -> None:
         self._pending += 1
@@ -184,26 +182,32 @@ class Outbox:
 
     # -- the dispatcher ------------------------------------------------------------
 
-    async def _dispatch(self) -> None:
-        slots = anyio.Semaphore(self.concurrency)
-        try:
-            async with anyio.create_task_group() as tg:
-                while True:
-                    await slots.acquire()
-                    with self._lock:
-                        if not self._ready:
-                            self._running = False
-                            slots.release()
-                            break
-                        entry = self._ready.popleft()
-                    tg.start_soon(self._deliver, entry, slots)
-        except BaseException:
-            with self._lock:
-                self._running = False
-            log.exception("the outbox dispatcher stopped; pending entries resume on the next commit")
-            raise
+    def _hire_locked(self) -> int:
+        """How many more workers the ready entries need (call under the lock)."""
+        n = min(self.concurrency - self._workers, len(self._ready))
+        self._workers += n
+        return n
 
-    async def _deliver(self, entry: OutboxEntry, slots: anyio.Semaphore) -> None:
+    def _hire(self, n: int) -> None:
+        for _ in range(n):
+            spawn(self._work)
+
+    async def _work(self) -> None:
+        """One of at most ``concurrency`` workers: deliver ready entries until there are none."""
+        while True:
+            with self._lock:
+                if not self._ready:
+                    self._workers -= 1
+                    return
+                entry = self._ready.popleft()
+            try:
+                await self._deliver(entry)
+            except BaseException:
+                with self._lock:
+                    self._workers -= 1
+                raise
+
+    async def _deliver(self, entry: OutboxEntry) -> None:
         try:
             eff = self._effects.get(entry.name)
             while True:
@@ -227,7 +231,6 @@ class Outbox:
                         self._delivered += 1
                     return
         finally:
-            slots.release()
             self._finished(entry)
 
     def _to_dead(self, entry: OutboxEntry, attempts: int) -> None:
@@ -241,7 +244,6 @@ class Outbox:
     def _finished(self, entry: OutboxEntry) -> None:
         """Release the entry's order key to the next entry, and wake drainers when idle."""
         wake: list[Waiter] = []
-        start = False
         with self._lock:
             self._pending -= 1
             ok = entry.order_key
@@ -249,14 +251,10 @@ class Outbox:
                 waiting = self._ordered[ok]
                 if waiting:
                     self._ready.append(waiting.popleft())
-                    start = not self._running
-                    self._running = True
                 else:
                     del self._ordered[ok]
             if self._pending == 0:
                 wake, self._idle = self._idle, []
-        if start:
-            spawn(self._dispatch)
         for w in wake:
             w.fire()
 
@@ -278,11 +276,8 @@ class Outbox:
                 entry.attempts = 0
                 entry.error = None
                 self._admit_locked(entry)
-            start = bool(keys) and not self._running
-            if start:
-                self._running = True
-        if start:
-            spawn(self._dispatch)
+            hire = self._hire_locked()
+        self._hire(hire)
         return len(keys)
 
     @property

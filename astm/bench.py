@@ -304,6 +304,110 @@ async def _db_reads(n: int) -> Row:
     return Row("db() + 10 reads vs read-only tx", db_rate, tx_rate, "ops/s", db_rate / tx_rate, "")
 
 
+async def _agents(n: int) -> list[Row]:
+    """Agent actions per second through one agent and a family of 10,000, vs a plain queue + worker task."""
+    store = astm.Store()
+    one = store.agent("one", 0)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        one.send(_add, 1)
+    await one.wait()
+    one_rate = n / (time.perf_counter() - t0)
+    assert one.state == n
+
+    family = store.agents("many", 0)
+    keys = 10_000
+    t0 = time.perf_counter()
+    for i in range(n):
+        family[i % keys].send(_add, 1)
+    for k in range(min(keys, n)):
+        await family[k].wait()
+    family_rate = n / (time.perf_counter() - t0)
+
+    # baseline: a memory object stream drained by one worker task
+    send, receive = anyio.create_memory_object_stream[int](n)
+    total = 0
+
+    async def worker() -> None:
+        nonlocal total
+        async with receive:
+            async for x in receive:
+                total = _add(total, x)
+
+    t0 = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker)
+        async with send:
+            for _ in range(n):
+                send.send_nowait(1)
+    base_rate = n / (time.perf_counter() - t0)
+    return [
+        Row("agent actions, one agent", one_rate, base_rate, "actions/s", one_rate / base_rate, "",
+            "baseline: a memory stream drained by one task"),
+        Row("agent actions, family of 10,000", family_rate, base_rate, "actions/s", family_rate / base_rate, ""),
+    ]  # fmt: skip
+
+
+async def _outbox(n: int) -> Row:
+    """Outbox deliveries per second (a no-op handler), vs calling the handler directly."""
+    store = astm.Store()
+    delivered = 0
+
+    @store.effect("noop")
+    async def noop(payload: int, *, key: tuple[int, int]) -> None:
+        nonlocal delivered
+        delivered += 1
+
+    def body(lo: int) -> None:
+        for i in range(lo, lo + 100):
+            noop.enqueue(i)
+
+    t0 = time.perf_counter()
+    for lo in range(0, n, 100):
+        await store.atomically(body, lo)
+    await store.outbox.drain()
+    rate = n / (time.perf_counter() - t0)
+    assert delivered == n
+    t0 = time.perf_counter()
+    for i in range(n):
+        await noop.handler(i, key=(0, i))
+    direct = n / (time.perf_counter() - t0)
+    return Row("outbox deliveries", rate, direct, "entries/s", rate / direct, "",
+               "100 entries per transaction; baseline calls the handler directly")  # fmt: skip
+
+
+async def _send_overhead(n: int) -> Row:
+    """What one agent send plus one outbox enqueue add to a small transaction."""
+    store = astm.Store()
+    r = store.ref("r", 0)
+    a = store.agent("a", 0)
+
+    @store.effect("e")
+    async def e(payload: int, *, key: tuple[int, int]) -> None:
+        pass
+
+    def plain() -> None:
+        r.alter(_add, 1)
+
+    def with_effects() -> None:
+        r.alter(_add, 1)
+        a.send(_add, 1)
+        e.enqueue(1)
+
+    t0 = time.perf_counter()
+    for _ in range(n):
+        await store.atomically(plain)
+    plain_rate = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        await store.atomically(with_effects)
+    await a.wait()
+    await store.outbox.drain()
+    eff_rate = n / (time.perf_counter() - t0)
+    return Row("tx + send + enqueue vs tx alone", eff_rate, plain_rate, "tx/s", eff_rate / plain_rate, "",
+               "includes running the action and delivering the entry")  # fmt: skip
+
+
 def run_all(quick: bool = False) -> list[Row]:
     """Run every case and return the rows."""
 
@@ -314,6 +418,9 @@ def run_all(quick: bool = False) -> list[Row]:
         rows.append(await _flash_crowd(300 if quick else 5000))
         rows.append(await _retry_wakeup(20 if quick else 300))
         rows.append(await _db_reads(1_000 if quick else 50_000))
+        rows.extend(await _agents(2_000 if quick else 100_000))
+        rows.append(await _outbox(1_000 if quick else 50_000))
+        rows.append(await _send_overhead(1_000 if quick else 20_000))
         return rows
 
     return astm.run(main)
