@@ -5,6 +5,7 @@ timeline of immutable db values, and blocking retry. See the user guide in
 ``docs/``.
 """
 
+from . import codec as codec
 from ._agent import Agent as Agent
 from ._agent import AgentFamily as AgentFamily
 from ._atom import Atom as Atom
@@ -14,12 +15,14 @@ from ._db import TxReport as TxReport
 from ._errors import AgentFailed as AgentFailed
 from ._errors import AstmError as AstmError
 from ._errors import AtomInTransactionError as AtomInTransactionError
+from ._errors import CodecError as CodecError
 from ._errors import CommuteConflictError as CommuteConflictError
 from ._errors import HistoryUnavailable as HistoryUnavailable
 from ._errors import IOInTransactionError as IOInTransactionError
 from ._errors import MutableValueError as MutableValueError
 from ._errors import NotInTransactionError as NotInTransactionError
 from ._errors import RetryLimitExceeded as RetryLimitExceeded
+from ._errors import StorageError as StorageError
 from ._errors import StoreClosed as StoreClosed
 from ._errors import StoreMismatchError as StoreMismatchError
 from ._errors import SyncTimeout as SyncTimeout
@@ -49,6 +52,7 @@ __all__ = [
     "Atom",
     "AtomInTransactionError",
     "Change",
+    "CodecError",
     "CommuteConflictError",
     "Db",
     "DeadLetter",
@@ -61,6 +65,7 @@ __all__ = [
     "Ref",
     "RetryLimitExceeded",
     "Stats",
+    "StorageError",
     "Store",
     "StoreClosed",
     "StoreMismatchError",

@@ -7,6 +7,8 @@ The tree::
     ├── IOInTransactionError (RuntimeError)    an @astm.io function called inside one
     ├── AtomInTransactionError (RuntimeError)  atom.swap/reset inside a transaction
     ├── MutableValueError (TypeError)          list/dict/set/bytearray offered as a ref value
+    ├── CodecError (TypeError)                 a value the storage codec cannot write or read
+    ├── StorageError (RuntimeError)            the store's file cannot be used (locked, corrupt, newer)
     ├── StoreMismatchError (ValueError)        one transaction touching refs of two stores
     ├── CommuteConflictError (RuntimeError)    set/alter after commute on the same ref
     ├── ValidationError (ValueError)           a validator refused a new value
@@ -30,6 +32,7 @@ __all__ = [
     "AgentFailed",
     "AstmError",
     "AtomInTransactionError",
+    "CodecError",
     "CommuteConflictError",
     "HistoryUnavailable",
     "IOInTransactionError",
@@ -37,6 +40,7 @@ __all__ = [
     "NotInTransactionError",
     "RetryLimitExceeded",
     "StoreClosed",
+    "StorageError",
     "StoreMismatchError",
     "SyncTimeout",
     "ValidationError",
@@ -102,6 +106,35 @@ class MutableValueError(AstmError, TypeError):
             "dataclasses are all fine); a mutable value could change under a "
             "transaction that already read it"
         )
+
+
+class CodecError(AstmError, TypeError):
+    """Raised when a value cannot be written to (or read from) durable storage."""
+
+    def __init__(self, where: str, value: object = None, *, message: str | None = None) -> None:
+        self.where = where
+        self.value = value
+        super().__init__(
+            message
+            or (
+                f"{where}: cannot store a value of type {type(value).__module__}.{type(value).__qualname__}; "
+                "durable stores accept None, bool, int, float, str, bytes, Decimal, datetime/date/time, "
+                "UUID, tuple, frozenset, pyrsistent pmap/pvector/pset, frozen dataclasses, and types "
+                "registered with astm.codec.register(...). Nothing was committed"
+            )
+        )
+
+    @classmethod
+    def unknown(cls, what: str, fix: str) -> CodecError:
+        return cls(what, message=f"cannot decode {what}: {fix}")
+
+
+class StorageError(AstmError, RuntimeError):
+    """Raised when a store's file cannot be opened or written: locked, corrupt, or of another version."""
+
+    def __init__(self, path: str, problem: str, fix: str = "") -> None:
+        self.path = path
+        super().__init__(f"{path}: {problem}" + (f"; {fix}" if fix else ""))
 
 
 class StoreMismatchError(AstmError, ValueError):

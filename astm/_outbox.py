@@ -180,6 +180,24 @@ class Outbox:
             self._ordered[ok] = deque()
         self._ready.append(entry)
 
+    def recover(self, entries: list[tuple[Key, str, Any, Hashable | None, int, str | None]]) -> None:
+        """Take the entries a durable store found on open (dead ones have an error)."""
+        with self._lock:
+            for key, name, payload, order_key, attempts, error in entries:
+                entry = OutboxEntry(key, name, payload, order_key)
+                entry.attempts = attempts
+                if error is not None:
+                    entry.error = RuntimeError(error)
+                    self._dead[key] = (entry, DeadLetter(key, name, payload, attempts, entry.error))
+                else:
+                    self._admit_locked(entry)
+
+    def resume(self) -> None:
+        """Start delivering recovered entries (needs a running event loop)."""
+        with self._lock:
+            hire = self._hire_locked()
+        self._hire(hire)
+
     # -- the dispatcher ------------------------------------------------------------
 
     def _hire_locked(self) -> int:
@@ -229,12 +247,18 @@ class Outbox:
                 else:
                     with self._lock:
                         self._delivered += 1
+                    backend = self.store._backend
+                    if backend is not None:
+                        backend.outbox_done(entry.key)
                     return
         finally:
             self._finished(entry)
 
     def _to_dead(self, entry: OutboxEntry, attempts: int) -> None:
         assert entry.error is not None
+        backend = self.store._backend
+        if backend is not None:
+            backend.outbox_dead(entry.key, attempts, repr(entry.error))
         with self._lock:
             self._dead[entry.key] = (
                 entry,
@@ -271,11 +295,14 @@ class Outbox:
             keys = sorted(self._dead) if key is None else [key]
             if key is not None and key not in self._dead:
                 raise KeyError(f"no dead letter with key {key!r}")
+            backend = self.store._backend
             for k in keys:
                 entry, _ = self._dead.pop(k)
                 entry.attempts = 0
                 entry.error = None
                 self._admit_locked(entry)
+                if backend is not None:
+                    backend.outbox_requeued(k)
             hire = self._hire_locked()
         self._hire(hire)
         return len(keys)

@@ -38,6 +38,7 @@ class Ref(Generic[T]):
         "_claim",
         "_conflicts",
         "_cur",
+        "_enc",
         "_heat",
         "_hist",
         "_keep",
@@ -74,6 +75,8 @@ class Ref(Generic[T]):
         self._heat = 0
         self._conflicts = 0
         self._ord = ordinal
+        #: the newest value encoded for storage (durable stores only)
+        self._enc = ""
 
     @property
     def store(self) -> Store:

@@ -13,7 +13,9 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
+import anyio.to_thread
 
+from . import codec
 from ._agent import Agent, AgentFamily, ErrorMode
 from ._atom import Atom
 from ._backend import Waiter
@@ -23,6 +25,7 @@ from ._outbox import Effect, Handler, Outbox
 from ._ref import Ref
 from ._tx import _validate_value, decay_history, pin_floor, run_transaction
 from ._values import check_value
+from .abc import Storage
 
 __all__ = ["Stats", "Store"]
 
@@ -64,7 +67,13 @@ class Store:
     ``atomically(..., retry_limit=...)``). ``outbox_concurrency`` bounds the
     outbox's parallel deliveries.
 
-    On this in-memory store, outbox entries not yet delivered when the process
+    ``url`` picks the storage: none (or ``"memory://"``) keeps everything in
+    this process's memory; ``"sqlite:///path/state.db"`` is the durable
+    embedded store, where a transaction is acknowledged only once its commit is
+    on disk (``durability="async"`` acknowledges at once and flushes moments
+    later: a crash may lose the last commits).
+
+    On the in-memory store, outbox entries not yet delivered when the process
     ends are lost; the durable stores keep them.
     """
 
@@ -76,12 +85,10 @@ class Store:
         history_seconds: float | None = None,
         retry_limit: int = 10_000,
         outbox_concurrency: int = 16,
+        durability: str = "sync",
     ) -> None:
-        if url is not None and url not in ("memory:", "memory://"):
-            raise ValueError(
-                f"unsupported store URL {url!r}: this version of astm provides the "
-                "in-memory store only (Store() or Store('memory://'))"
-            )
+        if durability not in ("sync", "async"):
+            raise ValueError(f"durability must be 'sync' or 'async', got {durability!r}")
         if not isinstance(history, int) or history < 0:
             raise ValueError(f"history must be a non-negative number of commits, got {history!r}")
         if history_seconds is not None and not history_seconds >= 0:
@@ -89,6 +96,8 @@ class Store:
         if not isinstance(retry_limit, int) or retry_limit < 1:
             raise ValueError(f"retry_limit must be a positive int, got {retry_limit!r}")
         self.url = url or "memory://"
+        self._durability = durability
+        self._backend: Storage | None = None
         self._lock = threading.Lock()
         self._t = 0
         self._refs: dict[str, Ref[Any]] = {}
@@ -97,6 +106,8 @@ class Store:
         #: the outbox: effects, pending entries, dead letters
         self.outbox = Outbox(self, outbox_concurrency)
         self._closed = False
+        #: aclose() has run (it runs once)
+        self._shut = False
         self._history = history
         self._history_seconds = history_seconds
         self._time_floor = 0 if history_seconds is not None else math.inf
@@ -116,6 +127,34 @@ class Store:
         self._retries = 0
         self._faults = 0
         self._blocked = 0
+        if url not in (None, "memory:", "memory://"):
+            self._open_backend(url)
+
+    def _open_backend(self, url: str) -> None:
+        if url.startswith("sqlite:///"):
+            from .stores.sqlite import SqliteStorage
+
+            backend = SqliteStorage(
+                url[len("sqlite:///") :], history=self._history, history_seconds=self._history_seconds
+            )
+        else:
+            raise ValueError(f"unsupported store URL {url!r}: use Store() for memory or 'sqlite:///path/state.db'")
+        rec = backend.recover()
+        self._backend = backend
+        self._t = rec.t
+        for name, t, value, enc in rec.refs:
+            r = Ref(self, name, value, None, len(self._refs))
+            r._cur = (t, value)
+            r._enc = enc
+            self._refs[name] = r
+        for t, when, changes in rec.log:
+            self._log.append((t, when, [(self._refs[n], old, new) for n, old, new in changes]))
+        if self._log:
+            self._oldest = self._log[0][0] - 1
+        else:
+            self._oldest = self._t
+        self._trim_len = len(self._log) + max(1, self._history // 8)
+        self.outbox.recover(rec.outbox)
 
     # -- identities ----------------------------------------------------------
 
@@ -136,7 +175,9 @@ class Store:
                 check_value(initial, name)
                 if validator is not None:
                     _validate_value(name, validator, initial)
+                enc = codec.dumps(initial, f"ref {name!r}") if self._backend is not None else ""
                 r = Ref(self, name, initial, validator, len(self._refs))
+                r._enc = enc
                 self._refs[name] = r
                 return r
         if validator is not None and validator is not r._validator:
@@ -414,6 +455,9 @@ class Store:
         delivered, within ``timeout`` seconds if given.
         """
         with self._lock:
+            if self._shut:
+                return
+            self._shut = True
             self._closed = True
         with anyio.move_on_after(timeout):
             for fam in list(self._agents.values()):
@@ -423,8 +467,11 @@ class Store:
             tick, self._tick = self._tick, []
         for w in tick:
             w.fire()
+        if self._backend is not None:
+            await anyio.to_thread.run_sync(self._backend.close)
 
     async def __aenter__(self) -> Store:
+        self.outbox.resume()
         return self
 
     async def __aexit__(

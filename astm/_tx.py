@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast, overl
 
 import anyio
 
-from ._backend import Waiter
+from . import codec
+from ._backend import Waiter, spawn
 from ._db import Change, Db, TxReport
 from ._errors import (
     CommuteConflictError,
@@ -59,10 +60,12 @@ from ._errors import (
     _Conflict,
 )
 from ._values import check_value
+from .abc import CommitRecord
 
 if TYPE_CHECKING:
     from ._ref import Ref
     from ._store import Store
+    from .abc import Storage
 
 __all__ = [
     "Transaction",
@@ -329,6 +332,9 @@ class Transaction:
             for r, v in vals.items():
                 if r._validator is not None:
                     _validate(r, v)
+            backend = store._backend
+            if backend is not None:
+                encoded = _encode(vals, self.outbox)  # a value the codec refuses aborts here
             # all values calculated and validated; no more client code runs below
             t += 1
             changes: list[tuple[Ref[Any], Any, Any]] = []
@@ -349,7 +355,10 @@ class Transaction:
                     r._waiters = None
             store._t = t
             log = store._log
-            log.append((t, _time(), changes))
+            now = _time()
+            log.append((t, now, changes))
+            if backend is not None:
+                _submit(backend, t, now, vals, encoded, t - store._history)
             if len(log) >= store._trim_len:
                 store._trim(t)
             if store._tick:
@@ -605,6 +614,38 @@ def version_at(store: Store, ref: Ref[Any], t: int) -> tuple[int, Any] | None:
     return None
 
 
+def _encode(
+    vals: dict[Ref[Any], Any], outbox: list[tuple[str, Any, Any]] | None
+) -> tuple[list[str], list[tuple[int, str, str, str | None]]]:
+    """Encode a commit for durable storage (under the lock, before anything is applied)."""
+    encs = [codec.dumps(v, f"ref {r.name!r}") for r, v in vals.items()]
+    entries = []
+    if outbox:
+        for seq, (name, payload, order_key) in enumerate(outbox):
+            where = f"outbox entry of effect {name!r}"
+            entries.append(
+                (seq, name, codec.dumps(payload, where), None if order_key is None else codec.dumps(order_key, where))
+            )
+    return encs, entries
+
+
+def _submit(
+    backend: Storage,
+    t: int,
+    now: float,
+    vals: dict[Ref[Any], Any],
+    encoded: tuple[list[str], list[tuple[int, str, str, str | None]]],
+    floor: int,
+) -> None:
+    """Queue an applied commit to the backend's writer (under the lock, so in t order)."""
+    encs, entries = encoded
+    changes = []
+    for r, enc in zip(vals, encs, strict=True):
+        changes.append((r.name, r._enc, enc))
+        r._enc = enc
+    backend.submit(CommitRecord(t, now, changes, entries, floor))
+
+
 def pin_floor(pins: dict[int, int], heap: list[int]) -> int | None:
     """The oldest pinned ``t`` (dropping released pins from the heap top)."""
     while heap and heap[0] not in pins:
@@ -665,9 +706,11 @@ async def run_transaction(
             break
         if tx.claims:
             tx.release_claims()
-        if tx.outbox:
-            store = tx.store
-            assert store is not None
+        store = tx.store
+        assert store is not None
+        if store._backend is not None:
+            await _durable(store, tx, t)
+        elif tx.outbox:
             store.outbox.add_committed(t, tx.outbox)
         if wake is not None:
             for w in wake:
@@ -708,8 +751,33 @@ def _report(tx: Transaction, result: Any, t: int | None, changes: list[tuple[Ref
     )
 
 
+async def _durable(store: Store, tx: Transaction, t: int) -> None:
+    """Acknowledge only what is durable; hand outbox entries over once they are.
+
+    With ``durability="async"`` the transaction returns at once and its outbox
+    entries follow when the writer has flushed them.
+    """
+    backend = store._backend
+    assert backend is not None
+    if store._durability == "sync":
+        await backend.wait_durable(t)
+        if tx.outbox:
+            store.outbox.add_committed(t, tx.outbox)
+    elif tx.outbox:
+        spawn(_hand_over_when_durable, store, t, tx.outbox)
+
+
+async def _hand_over_when_durable(store: Store, t: int, entries: list[tuple[str, Any, Any]]) -> None:
+    assert store._backend is not None
+    await store._backend.wait_durable(t)
+    store.outbox.add_committed(t, entries)
+
+
 async def _finish_read_only(tx: Transaction, result: Any, report: bool) -> Any:
     store = tx.store
+    if store is not None and store._backend is not None and tx.rp > store._backend.durable_t:
+        # it read a commit that is not durable yet: do not acknowledge before it is
+        await store._backend.wait_durable(tx.rp)
     if store is not None:
         with store._lock:
             store._attempts += tx.attempts

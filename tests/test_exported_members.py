@@ -16,10 +16,11 @@ def test_all_exports_exist_and_say_astm() -> None:
 def test_public_surface_is_pinned() -> None:
     """The names users rely on (DESIGN.md) are all exported."""
     expected = {
-        "Agent", "AgentFailed", "AgentFamily", "AstmError", "Atom", "AtomInTransactionError", "Change",
-        "CommuteConflictError", "Db", "DeadLetter", "Effect", "HistoryUnavailable", "IOInTransactionError",
-        "MutableValueError", "NotInTransactionError", "Outbox", "Ref", "RetryLimitExceeded", "Stats", "Store",
-        "StoreClosed", "StoreMismatchError", "SyncTimeout", "TxReport", "ValidationError", "after_commit",
+        "Agent", "AgentFailed", "AgentFamily", "AstmError", "Atom", "AtomInTransactionError",
+        "Change", "CodecError", "CommuteConflictError", "Db", "DeadLetter", "Effect",
+        "HistoryUnavailable", "IOInTransactionError", "MutableValueError", "NotInTransactionError",
+        "Outbox", "Ref", "RetryLimitExceeded", "Stats", "StorageError", "Store", "StoreClosed",
+        "StoreMismatchError", "SyncTimeout", "TxReport", "ValidationError", "after_commit",
         "check", "in_transaction", "io", "or_else", "retry", "run", "transactional",
     }  # fmt: skip
     assert set(astm.__all__) == expected

@@ -1,0 +1,1 @@
+"""Durable storage backends (each imported only when its URL is used)."""

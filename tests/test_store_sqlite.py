@@ -1,0 +1,336 @@
+"""The SQLite store: the conformance suite, restarts, the codec, locking, bad files, the CLI."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import sqlite3
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pyrsistent import pmap, pset, pvector
+
+import astm
+from astm import codec
+
+from .conformance import DurableStoreConformance
+
+Key = tuple[int, int]
+
+
+class TestSqliteStore(DurableStoreConformance):
+    @pytest.fixture(autouse=True)
+    def _dir(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "state.db"
+
+    def make_store(self, **options: Any) -> astm.Store:
+        return astm.Store(f"sqlite:///{self.path}", **options)
+
+    def reopen(self, store: astm.Store, **options: Any) -> astm.Store:
+        return astm.Store(store.url, **options)
+
+
+@dataclass(frozen=True)
+class Seat:
+    row: str
+    number: int
+    held_by: uuid.UUID | None = None
+
+
+class Money:
+    """A user type registered with the codec."""
+
+    __slots__ = ("cents",)
+
+    def __init__(self, cents: int) -> None:
+        self.cents = cents
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Money) and other.cents == self.cents
+
+    def __hash__(self) -> int:
+        return hash(self.cents)
+
+
+codec.register(Money, "test.Money", lambda m: m.cents, Money)
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(),
+    st.binary(),
+    st.decimals(allow_nan=False, allow_infinity=False),
+    st.datetimes(),
+    st.dates(),
+    st.times(),
+    st.uuids(),
+    st.builds(Money, st.integers()),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4).map(tuple),
+        st.lists(inner, max_size=4).map(pvector),
+        st.dictionaries(st.text(max_size=5), inner, max_size=4).map(pmap),
+        st.frozensets(st.integers(), max_size=4),
+        st.builds(pset, st.lists(st.text(max_size=3), max_size=4)),
+    ),
+    max_leaves=12,
+)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of the same type, all the way down."""
+    if type(a) is not type(b) or a != b:
+        return False
+    if isinstance(a, tuple):
+        return all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return True
+
+
+class TestCodec:
+    @settings(max_examples=300, deadline=None)
+    @given(values)
+    def test_round_trip(self, value: Any) -> None:
+        """Every supported value comes back equal and of the same type."""
+        assert _same(codec.loads(codec.dumps(value)), value)
+
+    def test_frozen_dataclass(self) -> None:
+        """Frozen dataclasses round-trip, nested values included."""
+        seat = Seat("A", 3, uuid.UUID(int=7))
+        assert codec.loads(codec.dumps(seat)) == seat
+
+    def test_refusals_name_the_type(self) -> None:
+        """A type the codec cannot write is refused with its name."""
+
+        class Opaque:
+            pass
+
+        with pytest.raises(astm.CodecError, match="Opaque"):
+            codec.dumps((1, Opaque()))
+        with pytest.raises(astm.CodecError):
+            codec.loads('{"x": "not.registered", "v": 1}')
+
+    async def test_unencodable_value_aborts_before_commit(self, tmp_path: Path) -> None:
+        """On a durable store, a value the codec refuses fails the transaction naming the ref; nothing commits."""
+
+        class Opaque:
+            pass
+
+        async with astm.Store(f"sqlite:///{tmp_path / 's.db'}") as store:
+            a, b = store.ref("a", 1), store.ref("b", 2)
+
+            def body() -> None:
+                a.set(5)
+                b.set(Opaque())  # type: ignore[arg-type]
+
+            with pytest.raises(astm.CodecError, match=r"ref 'b'.*Opaque"):
+                await store.atomically(body)
+            assert (a.get(), b.get(), store.t) == (1, 2, 0)
+            with pytest.raises(astm.CodecError, match="ref 'c'"):
+                store.ref("c", Opaque())
+
+
+class TestRestart:
+    async def test_everything_comes_back(self, tmp_path: Path) -> None:
+        """Refs of every supported type, t, the log (as_of, reports since) and undelivered entries survive."""
+        url = f"sqlite:///{tmp_path / 's.db'}"
+        value = pmap({"when": dt.datetime(2026, 1, 2, 3, 4, 5), "seats": pvector([Seat("B", 1)]), "cash": Money(5)})
+        store = astm.Store(url)
+        async with store:
+            r = store.ref("r", value)
+            n = store.ref("n", 0)
+
+            @store.effect("later", max_attempts=1)
+            async def later(payload: Any, *, key: Key) -> None:
+                raise ConnectionError("not now")
+
+            for i in range(1, 4):
+                await store.atomically(lambda i=i: n.set(i))
+
+            def pay() -> None:
+                r.alter(lambda m: m.set("cash", Money(9)))
+                later.enqueue("p")
+
+            await store.atomically(pay)
+            await store.outbox.drain()
+            assert len(store.outbox.dead()) == 1
+        delivered: list[tuple[Any, Key]] = []
+        again = astm.Store(url)
+
+        @again.effect("later")
+        async def later2(payload: Any, *, key: Key) -> None:
+            delivered.append((payload, key))
+
+        async with again:
+            r2: astm.Ref[Any] = again.ref("r", pmap())
+            n2 = again.ref("n", -1)
+            assert again.t == 4 and n2.get() == 3
+            assert r2.get() == value.set("cash", Money(9))
+            assert again.as_of(2)[n2] == 2 and again.as_of(0)[n2] == 0
+            ts = []
+            async for rep in again.reports(since=1):
+                ts.append(rep.t)
+                if rep.t == 4:
+                    break
+            assert ts == [2, 3, 4]
+            [dead] = again.outbox.dead()
+            assert dead.key == (4, 0) and "not now" in str(dead.error)
+            again.outbox.requeue()
+            await again.outbox.drain()
+            assert delivered == [("p", (4, 0))]
+            await again.atomically(lambda: n2.set(10))
+        async with astm.Store(url) as third:
+            assert third.t == 5 and third.outbox.pending == 0 and third.outbox.dead() == []
+
+    async def test_pending_entries_resume_after_restart(self, tmp_path: Path) -> None:
+        """An entry committed but not delivered before close is delivered by the next process."""
+        url = f"sqlite:///{tmp_path / 's.db'}"
+        store = astm.Store(url)
+        gate = anyio.Event()
+
+        @store.effect("slow")
+        async def slow(payload: Any, *, key: Key) -> None:
+            await gate.wait()
+
+        async with store:
+            await store.atomically(lambda: slow.enqueue("x"))
+            await store.aclose(timeout=0.01)  # the delivery is stuck: close anyway
+        got: list[Key] = []
+        again = astm.Store(url)
+
+        @again.effect("slow")
+        async def fast(payload: Any, *, key: Key) -> None:
+            got.append(key)
+
+        async with again:
+            await again.outbox.drain()
+        assert got == [(1, 0)]
+
+    async def test_async_durability(self, tmp_path: Path) -> None:
+        """durability='async' acknowledges at once; the commit is on disk after close."""
+        url = f"sqlite:///{tmp_path / 's.db'}"
+        async with astm.Store(url, durability="async") as store:
+            r = store.ref("r", 0)
+            for i in range(50):
+                await store.atomically(lambda i=i: r.set(i))
+        async with astm.Store(url) as again:
+            assert again.ref("r", -1).get() == 49 and again.t == 50
+
+    async def test_log_is_compacted(self, tmp_path: Path) -> None:
+        """The log on disk keeps about `history` commits, not all of them."""
+        path = tmp_path / "s.db"
+        async with astm.Store(f"sqlite:///{path}", history=50, durability="async") as store:
+            r = store.ref("r", 0)
+            for i in range(2500):
+                await store.atomically(lambda i=i: r.set(i))
+        rows = sqlite3.connect(path).execute("SELECT COUNT(*) FROM log").fetchone()[0]
+        assert rows < 1200
+
+
+HOLD = "import astm, time; astm.Store('sqlite:///{path}'); print('ready', flush=True); time.sleep(60)"
+
+
+class TestFiles:
+    def test_second_process_is_refused_naming_the_holder(self, tmp_path: Path) -> None:
+        """Opening a store held by another process fails at once with that process's id."""
+        path = tmp_path / "s.db"
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD.format(path=path)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+            with pytest.raises(astm.StorageError, match=f"another process \\(pid {holder.pid}\\)"):
+                astm.Store(f"sqlite:///{path}")
+        finally:
+            holder.kill()
+            holder.wait()
+            assert holder.stdout is not None
+            holder.stdout.close()
+        anyio.run(astm.Store(f"sqlite:///{path}").aclose)  # free again once the holder is gone
+
+    @pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign", "newer"])
+    def test_bad_files_are_refused_unchanged(self, tmp_path: Path, damage: str) -> None:
+        """Not-a-database, truncated, non-astm and newer-schema files give a clear error and are not modified."""
+        path = tmp_path / "s.db"
+        if damage == "garbage":
+            path.write_bytes(b"this is not a database at all" * 100)
+        elif damage in ("truncated", "newer"):
+
+            async def make() -> None:
+                async with astm.Store(f"sqlite:///{path}") as s:
+                    r = s.ref("r", "x" * 5000)
+                    for i in range(40):
+                        await s.atomically(lambda i=i: r.set(str(i) * 3000))
+
+            anyio.run(make)
+            conn = sqlite3.connect(path)
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if damage == "newer":
+                conn.execute("UPDATE astm_meta SET value = '99' WHERE key = 'schema_version'")
+                conn.commit()
+            conn.close()
+            if damage == "truncated":
+                data = path.read_bytes()
+                path.write_bytes(data[: len(data) // 2])
+        else:
+            conn = sqlite3.connect(path)
+            conn.execute("CREATE TABLE customers (id INTEGER)")
+            conn.commit()
+            conn.close()
+        before = hashlib.sha256(path.read_bytes()).hexdigest()
+        expected = {
+            "garbage": "not a readable",
+            "truncated": "corrupt|not a readable|damaged",
+            "foreign": "not an astm store",
+            "newer": "schema version 99",
+        }
+        with pytest.raises(astm.StorageError, match=expected[damage]):
+            astm.Store(f"sqlite:///{path}")
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+    def test_unknown_url(self) -> None:
+        """An unknown URL scheme is refused with the supported forms."""
+        with pytest.raises(ValueError, match="sqlite:///"):
+            astm.Store("redis://localhost")
+
+
+class TestCli:
+    def test_inspect_and_dump(self, tmp_path: Path) -> None:
+        """inspect prints basis t, refs, log range and outbox counts; dump prints refs as JSON lines."""
+        path = tmp_path / "s.db"
+
+        async def make() -> None:
+            async with astm.Store(f"sqlite:///{path}") as s:
+                seats = s.ref("seats", pmap({"A1": "free"}))
+                cash = s.ref("cash", Decimal("10.50"))
+                await s.atomically(lambda: (seats.alter(lambda m: m.set("A1", "ann")), cash.set(Decimal("12.00"))))
+
+        anyio.run(make)
+        out = subprocess.run([sys.executable, "-m", "astm", "inspect", str(path)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert "basis t     1" in out.stdout and "refs        2" in out.stdout and "0 pending, 0 dead" in out.stdout
+        out = subprocess.run([sys.executable, "-m", "astm", "dump", str(path)], capture_output=True, text=True)
+        rows = [json.loads(line) for line in out.stdout.splitlines()]
+        assert rows == [
+            {"ref": "cash", "t": 1, "value": "12.00"},
+            {"ref": "seats", "t": 1, "value": {"A1": "ann"}},
+        ]
+        missing = subprocess.run(
+            [sys.executable, "-m", "astm", "inspect", str(tmp_path / "nope.db")], capture_output=True, text=True
+        )
+        assert missing.returncode == 1 and "no such file" in missing.stderr
