@@ -1,15 +1,15 @@
 """The bridge to the running async backend (asyncio or trio): waking and spawning.
 
 ``Waiter``: a one-shot wake-up that any thread may fire without blocking.
-
-Commits happen under a ``threading.Lock`` and may be made from several threads,
-each running its own event loop (asyncio or trio). A task that waits for a
-commit (``astm.retry()``, a contention queue, ``store.sync``) parks on a
-:class:`Waiter`; the committer fires it after leaving the critical section. Firing
-from the waiter's own thread sets the event directly; from another thread it is
-scheduled on the waiter's loop with that backend's thread-safe call, so the
-committer never blocks on another loop. (anyio's ``from_thread.run_sync`` waits
-for the result, which a committer must not do.)
+Commits happen under a ``threading.Lock`` and may be made from several
+threads, each running its own event loop (asyncio or trio). A task that waits
+for a commit (``astm.retry()``, a contention queue, ``store.sync``, durability)
+parks on a :class:`Waiter`; the committer fires it after leaving the critical
+section. Firing from the waiter's own thread sets it directly; from another
+thread it is scheduled on the waiter's loop with that backend's thread-safe
+call, so the committer never blocks on another loop. (anyio's
+``from_thread.run_sync`` waits for the result, which a committer must not do.)
+``fire_all`` wakes many waiters with one thread-safe call per loop.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 import sniffio
 
-__all__ = ["Waiter", "spawn"]
+__all__ = ["Waiter", "fire_all", "spawn"]
 
 _background: set[asyncio.Task[Any]] = set()
 
@@ -48,50 +48,68 @@ def _set_future(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+def _set_futures(futs: list[asyncio.Future[None]]) -> None:
+    for fut in futs:
+        if not fut.done():
+            fut.set_result(None)
+
+
 class Waiter:
     """A single wake-up for the current task, fireable from any thread."""
 
-    __slots__ = ("_fire", "_wait", "fired", "payload")
+    __slots__ = ("_thread", "_loop", "_fut", "_event", "_token", "fired", "payload")
 
     def __init__(self) -> None:
         self.fired = False
         self.payload: Any = None
-        thread = threading.get_ident()
+        self._thread = threading.get_ident()
         if sniffio.current_async_library() == "trio":
             import trio
 
-            event = trio.Event()
-            token = trio.lowlevel.current_trio_token()
-
-            def fire_trio() -> None:
-                if threading.get_ident() == thread:
-                    event.set()
-                else:
-                    token.run_sync_soon(event.set)
-
-            self._wait: Callable[[], Any] = event.wait
-            self._fire = fire_trio
+            self._loop: asyncio.AbstractEventLoop | None = None
+            self._event: Any = trio.Event()
+            self._token: Any = trio.lowlevel.current_trio_token()
         else:
-            loop = asyncio.get_running_loop()
-            fut: asyncio.Future[None] = loop.create_future()
-
-            def fire_asyncio() -> None:
-                if threading.get_ident() == thread:
-                    _set_future(fut)
-                else:
-                    loop.call_soon_threadsafe(_set_future, fut)
-
-            # shielded: a cancelled wait (a timeout) must leave the waiter fireable
-            self._wait = lambda: asyncio.shield(fut)
-            self._fire = fire_asyncio
+            loop = self._loop = asyncio.get_running_loop()
+            self._fut: asyncio.Future[None] = loop.create_future()
 
     def fire(self, payload: Any = None) -> None:
         """Wake the waiting task (idempotent; safe from any thread)."""
-        if not self.fired:
-            self.fired = True
-            self.payload = payload
-            self._fire()
+        if self.fired:
+            return
+        self.fired = True
+        self.payload = payload
+        loop = self._loop
+        if loop is not None:
+            if threading.get_ident() == self._thread:
+                _set_future(self._fut)
+            else:
+                loop.call_soon_threadsafe(_set_future, self._fut)
+        elif threading.get_ident() == self._thread:
+            self._event.set()
+        else:
+            self._token.run_sync_soon(self._event.set)
 
     async def wait(self) -> None:
-        """Wait until fired; cancellable by the caller's cancel scope."""
-        await self._wait()
+        """Wait until fired; cancellable by the caller's cancel scope (then make a new waiter)."""
+        if self._loop is not None:
+            await self._fut
+        else:
+            await self._event.wait()
+
+
+def fire_all(waiters: Iterable[Waiter]) -> None:
+    """Fire many waiters, with one thread-safe call per foreign asyncio loop."""
+    me = threading.get_ident()
+    foreign: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    for w in waiters:
+        if w.fired:
+            continue
+        loop = w._loop
+        if loop is None or w._thread == me:
+            w.fire()
+        else:
+            w.fired = True
+            foreign.setdefault(loop, []).append(w._fut)
+    for loop, futs in foreign.items():
+        loop.call_soon_threadsafe(_set_futures, futs)

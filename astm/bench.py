@@ -408,6 +408,64 @@ async def _send_overhead(n: int) -> Row:
                "includes running the action and delivering the entry")  # fmt: skip
 
 
+async def _sqlite(n: int, tasks: int) -> list[Row]:
+    """The SQLite store vs sqlite3 used directly: one writer, and many tasks sharing fsyncs."""
+    import sqlite3
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        conn = sqlite3.connect(f"{tmp}/direct.db", isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("CREATE TABLE acct (id INTEGER PRIMARY KEY, balance INTEGER NOT NULL)")
+        conn.executemany("INSERT INTO acct VALUES (?, 1000000)", [(i,) for i in range(100)])
+        rng = random.Random(2)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            a, b = rng.sample(range(100), 2)
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("UPDATE acct SET balance = balance - 1 WHERE id = ?", (a,))
+            conn.execute("UPDATE acct SET balance = balance + 1 WHERE id = ?", (b,))
+            conn.execute("COMMIT")
+        direct = n / (time.perf_counter() - t0)
+        conn.close()
+
+        store = astm.Store(f"sqlite:///{tmp}/astm.db")
+        async with store:
+            refs = [store.ref(f"acct-{i}", 1_000_000) for i in range(100)]
+
+            def transfer(a: astm.Ref[int], b: astm.Ref[int]) -> None:
+                a.alter(_sub, 1)
+                b.alter(_add, 1)
+
+            t0 = time.perf_counter()
+            for _ in range(n):
+                x, y = rng.sample(refs, 2)
+                await store.atomically(transfer, x, y)
+            one = n / (time.perf_counter() - t0)
+
+            total = n * 5
+
+            async def worker(seed: int) -> None:
+                wrng = random.Random(seed)
+                for _ in range(total // tasks):
+                    x, y = wrng.sample(refs, 2)
+                    await store.atomically(transfer, x, y)
+
+            t0 = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for i in range(tasks):
+                    tg.start_soon(worker, i)
+            many = (total // tasks * tasks) / (time.perf_counter() - t0)
+            assert sum(r.get() for r in refs) == 100 * 1_000_000
+    return [
+        Row("sqlite store, 1 task, durable commits", one, direct, "tx/s", one / direct, ">= 0.8",
+            "baseline: sqlite3 BEGIN IMMEDIATE..COMMIT, synchronous=FULL"),
+        Row(f"sqlite store, {tasks} tasks (group commit)", many, direct, "tx/s", many / direct, ">= 10",
+            "baseline: the same direct single writer"),
+    ]  # fmt: skip
+
+
 def run_all(quick: bool = False) -> list[Row]:
     """Run every case and return the rows."""
 
@@ -421,6 +479,7 @@ def run_all(quick: bool = False) -> list[Row]:
         rows.extend(await _agents(2_000 if quick else 100_000))
         rows.append(await _outbox(1_000 if quick else 50_000))
         rows.append(await _send_overhead(1_000 if quick else 20_000))
+        rows.extend(await _sqlite(100 if quick else 2_000, 100))
         return rows
 
     return astm.run(main)

@@ -18,9 +18,8 @@ from typing import Any
 
 from pyrsistent import PMap, PSet, PVector
 
-from . import codec
 from ._errors import AstmError
-from .stores.sqlite import read_only
+from .stores.sqlite import load, read_only
 
 __all__ = ["main"]
 
@@ -48,8 +47,9 @@ def inspect(path: str) -> dict[str, Any]:
     """Basis t, ref count, log range, pending and dead outbox entries of a store file."""
     conn = read_only(path)
     try:
-        basis = int(conn.execute("SELECT value FROM astm_meta WHERE key = 'basis_t'").fetchone()[0])
-        refs = conn.execute("SELECT COUNT(*) FROM refs").fetchone()[0]
+        rec = load(conn)
+        basis = rec.t
+        refs = len(rec.refs)
         lo, hi = conn.execute("SELECT MIN(t), MAX(t) FROM log").fetchone()
         pending = conn.execute("SELECT COUNT(*) FROM outbox WHERE error IS NULL").fetchone()[0]
         dead = conn.execute("SELECT COUNT(*) FROM outbox WHERE error IS NOT NULL").fetchone()[0]
@@ -72,10 +72,11 @@ def dump(path: str, out: Any = None) -> None:
     out = out or sys.stdout
     conn = read_only(path)
     try:
-        for name, t, value in conn.execute("SELECT name, t, value FROM refs ORDER BY name"):
-            out.write(json.dumps({"ref": name, "t": t, "value": _plain(codec.loads(value))}) + "\n")
+        rec = load(conn)
     finally:
         conn.close()
+    for name, t, value, _ in sorted(rec.refs):
+        out.write(json.dumps({"ref": name, "t": t, "value": _plain(value)}) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,7 +159,15 @@ def decode(data: Any) -> Any:
 
 def dumps(value: Any, where: str = "value") -> str:
     """``value`` as a compact JSON string of its tagged form."""
+    t = type(value)
+    if t is int:
+        return str(value)
+    if t is str:
+        return _encode_str(value)
     return json.dumps(encode(value, where), separators=(",", ":"), ensure_ascii=False)
+
+
+_encode_str = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def loads(text: str | bytes) -> Any:

@@ -3,9 +3,15 @@
 ``Store("sqlite:///path/state.db")``. Refs, the commit log and the outbox live
 in the file (WAL mode, ``synchronous=FULL``). Commits are applied in memory
 under the store lock and queued, in ``t`` order, to a dedicated writer thread;
-the writer takes everything queued, writes it in one SQLite transaction with
-one fsync, and then wakes the transactions waiting for that durability. The
-event loop never touches the disk after open.
+the writer takes everything queued, appends it to the log in one SQLite
+transaction with one fsync, and then wakes the transactions waiting for that
+durability. The event loop never touches the disk after open.
+
+The file is log-structured: a commit appends one log row (its changes); the
+``refs`` table is a checkpoint of every ref's value, rewritten every
+``CHECKPOINT_EVERY`` commits and on close. Opening loads the checkpoint and
+replays the log rows after it. Log rows older than both the checkpoint and the
+store's history retention are deleted at checkpoints.
 
 A lock file next to the database (``state.db.lock``) holds the owning process
 id, so a second process fails at once with a clear error. The file is checked
@@ -26,13 +32,14 @@ from collections import deque
 from pathlib import Path
 
 from .. import codec
-from .._backend import Waiter
+from .._backend import Waiter, fire_all
 from .._errors import StorageError
 from ..abc import CommitRecord, Recovered
 
 __all__ = ["SCHEMA_VERSION", "SqliteStorage", "read_only"]
 
 SCHEMA_VERSION = 1
+CHECKPOINT_EVERY = 1000
 
 _SCHEMA = """
 CREATE TABLE astm_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -78,6 +85,30 @@ def read_only(path: str) -> sqlite3.Connection:
     return conn
 
 
+def load(conn: sqlite3.Connection) -> Recovered:
+    """Everything an astm file holds: the checkpoint with the log replayed over it, and the outbox."""
+    rec = Recovered()
+    checkpoint = int(conn.execute("SELECT value FROM astm_meta WHERE key = 'checkpoint_t'").fetchone()[0])
+    refs: dict[str, tuple[int, str]] = {
+        name: (t, value) for name, t, value in conn.execute("SELECT name, t, value FROM refs ORDER BY rowid")
+    }
+    rec.t = checkpoint
+    for t, when, changes in conn.execute("SELECT t, time, changes FROM log ORDER BY t"):
+        decoded = json.loads(changes)
+        rec.log.append((t, when, [(n, codec.decode(o), codec.decode(v)) for n, o, v in decoded]))
+        if t > checkpoint:
+            for n, _, v in decoded:
+                refs[n] = (t, json.dumps(v, separators=(",", ":"), ensure_ascii=False))
+            rec.t = t
+    rec.refs = [(name, t, codec.loads(enc), enc) for name, (t, enc) in refs.items()]
+    for t, seq, effect, payload, order_key, attempts, error in conn.execute(
+        "SELECT t, seq, effect, payload, order_key, attempts, error FROM outbox ORDER BY t, seq"
+    ):
+        ok = None if order_key is None else codec.loads(order_key)
+        rec.outbox.append(((t, seq), effect, codec.loads(payload), ok, attempts, error))
+    return rec
+
+
 class SqliteStorage:
     """The SQLite backend of a store (see the module docstring)."""
 
@@ -89,6 +120,12 @@ class SqliteStorage:
         self._history_seconds = history_seconds
         #: the retention floor the newest written commit reported
         self._floor = 0
+        #: the t of the refs table's checkpoint, and every ref's newest (t, value) since
+        self._checkpoint_t = 0
+        self._latest: dict[str, tuple[int, str]] = {}
+        self._dirty: set[str] = set()
+        #: the writer is waiting for work (so a submit must wake it)
+        self._idle = False
         self._queue: deque[CommitRecord | _OutboxOp] = deque()
         self._cv = threading.Condition()
         self._closing = False
@@ -140,7 +177,7 @@ class SqliteStorage:
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(
-                    "INSERT INTO astm_meta VALUES ('schema_version', ?), ('basis_t', '0')", (str(SCHEMA_VERSION),)
+                    "INSERT INTO astm_meta VALUES ('schema_version', ?), ('checkpoint_t', '0')", (str(SCHEMA_VERSION),)
                 )
                 conn.execute("COMMIT")
             finally:
@@ -155,18 +192,10 @@ class SqliteStorage:
             conn.close()
 
     def _read(self, conn: sqlite3.Connection) -> Recovered:
-        rec = Recovered()
-        rec.t = int(conn.execute("SELECT value FROM astm_meta WHERE key = 'basis_t'").fetchone()[0])
-        for name, t, value in conn.execute("SELECT name, t, value FROM refs ORDER BY rowid"):
-            rec.refs.append((name, t, codec.loads(value), value))
-        for t, when, changes in conn.execute("SELECT t, time, changes FROM log ORDER BY t"):
-            rec.log.append((t, when, [(n, codec.decode(o), codec.decode(v)) for n, o, v in json.loads(changes)]))
-        for t, seq, effect, payload, order_key, attempts, error in conn.execute(
-            "SELECT t, seq, effect, payload, order_key, attempts, error FROM outbox ORDER BY t, seq"
-        ):
-            ok = None if order_key is None else codec.loads(order_key)
-            rec.outbox.append(((t, seq), effect, codec.loads(payload), ok, attempts, error))
+        rec = load(conn)
         self.durable_t = rec.t
+        self._checkpoint_t = int(conn.execute("SELECT value FROM astm_meta WHERE key = 'checkpoint_t'").fetchone()[0])
+        self._latest = {name: (t, enc) for name, t, _, enc in rec.refs}
         return rec
 
     def recover(self) -> Recovered:
@@ -176,9 +205,10 @@ class SqliteStorage:
     # -- the writer ----------------------------------------------------------------
 
     def submit(self, record: CommitRecord) -> None:
-        with self._cv:
-            self._queue.append(record)
-            self._cv.notify()
+        self._queue.append(record)  # deque.append is atomic; wake the writer only if it sleeps
+        if self._idle:
+            with self._cv:
+                self._cv.notify()
 
     def _op(self, op: _OutboxOp) -> None:
         with self._cv:
@@ -202,63 +232,69 @@ class SqliteStorage:
         except BaseException as exc:  # pragma: no cover - the file was checked on open
             self._fail(exc)
             return
-        last_compact = self.durable_t
         try:
             while True:
                 with self._cv:
                     while not self._queue and not self._closing:
+                        self._idle = True
                         self._cv.wait()
-                    batch = list(self._queue)
-                    self._queue.clear()
+                    self._idle = False
+                batch = []
+                while self._queue:
+                    batch.append(self._queue.popleft())
                 if not batch:
                     break  # closing, and everything is written
                 top = self._write(conn, batch)
-                if top > last_compact + 1000:
-                    self._compact(conn, top)
-                    last_compact = top
                 if top:
                     self._durable(top)
+                if top > self._checkpoint_t + CHECKPOINT_EVERY:
+                    self._checkpoint(conn, top)
+            if self.durable_t > self._checkpoint_t:
+                self._checkpoint(conn, self.durable_t)
         except BaseException as exc:
             self._fail(exc)
         finally:
             conn.close()
 
     def _write(self, conn: sqlite3.Connection, batch: list[CommitRecord | _OutboxOp]) -> int:
-        """Write a batch in one transaction (one fsync); returns the newest t in it."""
+        """Append a batch to the log in one transaction (one fsync); returns the newest t in it."""
         top = 0
+        log_rows = []
+        outbox_rows = []
+        ops: list[_OutboxOp] = []
+        latest = self._latest
+        dirty = self._dirty
+        for item in batch:
+            if isinstance(item, CommitRecord):
+                top = item.t
+                parts = []
+                for name, old, new in item.changes:
+                    latest[name] = (item.t, new)
+                    dirty.add(name)
+                    parts.append(f"[{json.dumps(name)},{old},{new}]")
+                log_rows.append((item.t, item.time, f"[{','.join(parts)}]"))
+                for seq, name, payload, ok in item.outbox:
+                    outbox_rows.append((item.t, seq, name, payload, ok))
+                self._floor = item.floor
+            else:
+                ops.append(item)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for item in batch:
-                if isinstance(item, CommitRecord):
-                    top = item.t
-                    conn.executemany(
-                        "INSERT INTO refs (name, t, value) VALUES (?, ?, ?) "
-                        "ON CONFLICT (name) DO UPDATE SET t = excluded.t, value = excluded.value",
-                        [(name, item.t, new) for name, _, new in item.changes],
-                    )
-                    changes = ",".join(f"[{json.dumps(n)},{o},{v}]" for n, o, v in item.changes)
+            if log_rows:
+                conn.executemany("INSERT INTO log (t, time, changes) VALUES (?, ?, ?)", log_rows)
+            if outbox_rows:
+                conn.executemany(
+                    "INSERT INTO outbox (t, seq, effect, payload, order_key) VALUES (?, ?, ?, ?, ?)", outbox_rows
+                )
+            for kind, (t, seq), attempts, error in ops:
+                if kind == "done":
+                    conn.execute("DELETE FROM outbox WHERE t = ? AND seq = ?", (t, seq))
+                elif kind == "dead":
                     conn.execute(
-                        "INSERT INTO log (t, time, changes) VALUES (?, ?, ?)", (item.t, item.time, f"[{changes}]")
+                        "UPDATE outbox SET attempts = ?, error = ? WHERE t = ? AND seq = ?", (attempts, error, t, seq)
                     )
-                    if item.outbox:
-                        conn.executemany(
-                            "INSERT INTO outbox (t, seq, effect, payload, order_key) VALUES (?, ?, ?, ?, ?)",
-                            [(item.t, seq, name, payload, ok) for seq, name, payload, ok in item.outbox],
-                        )
-                    self._floor = item.floor
                 else:
-                    kind, (t, seq), attempts, error = item
-                    if kind == "done":
-                        conn.execute("DELETE FROM outbox WHERE t = ? AND seq = ?", (t, seq))
-                    elif kind == "dead":
-                        conn.execute(
-                            "UPDATE outbox SET attempts = ?, error = ? WHERE t = ? AND seq = ?",
-                            (attempts, error, t, seq),
-                        )
-                    else:
-                        conn.execute("UPDATE outbox SET attempts = 0, error = NULL WHERE t = ? AND seq = ?", (t, seq))
-            if top:
-                conn.execute("UPDATE astm_meta SET value = ? WHERE key = 'basis_t'", (str(top),))
+                    conn.execute("UPDATE outbox SET attempts = 0, error = NULL WHERE t = ? AND seq = ?", (t, seq))
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -266,24 +302,42 @@ class SqliteStorage:
             raise
         return top
 
-    def _compact(self, conn: sqlite3.Connection, top: int) -> None:
-        """Drop log rows older than retention (the file must not grow without bound)."""
-        floor = min(self._floor, top - self._history)
+    def _checkpoint(self, conn: sqlite3.Connection, top: int) -> None:
+        """Write every ref changed since the last checkpoint; drop log rows nobody needs.
+
+        A log row is kept while it is after the checkpoint (recovery replays it)
+        or within history retention (``as_of``, ``reports`` after a restart).
+        """
+        floor = min(self._floor, top - self._history, top)
         if self._history_seconds is not None:
             row = conn.execute(
                 "SELECT MIN(t) FROM log WHERE time >= ?", (time.time() - self._history_seconds,)
             ).fetchone()
             if row[0] is not None:
                 floor = min(floor, row[0] - 1)
-        conn.execute("DELETE FROM log WHERE t <= ?", (floor,))
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT INTO refs (name, t, value) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET t = excluded.t, value = excluded.value",
+                [(name, *self._latest[name]) for name in self._dirty],
+            )
+            conn.execute("UPDATE astm_meta SET value = ? WHERE key = 'checkpoint_t'", (str(top),))
+            conn.execute("DELETE FROM log WHERE t <= ?", (floor,))
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        self._dirty.clear()
+        self._checkpoint_t = top
 
     def _durable(self, t: int) -> None:
         with self._cv:
             self.durable_t = t
             ready = [w for wt, w in self._waiters if wt <= t]
             self._waiters = [(wt, w) for wt, w in self._waiters if wt > t]
-        for w in ready:
-            w.fire()
+        fire_all(ready)
 
     def _fail(self, exc: BaseException) -> None:
         with self._cv:
@@ -311,6 +365,7 @@ class SqliteStorage:
             )
 
     def close(self) -> None:
+        """Write what is queued and a final checkpoint, then release the file."""
         with self._cv:
             self._closing = True
             self._cv.notify()
