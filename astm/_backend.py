@@ -57,7 +57,7 @@ def _set_futures(futs: list[asyncio.Future[None]]) -> None:
 class Waiter:
     """A single wake-up for the current task, fireable from any thread."""
 
-    __slots__ = ("_thread", "_loop", "_fut", "_event", "_token", "fired", "payload")
+    __slots__ = ("_event", "_fut", "_loop", "_thread", "_token", "fired", "payload")
 
     def __init__(self) -> None:
         self.fired = False
