@@ -1,0 +1,1 @@
+"""Runnable examples: the bank transfer, agents and the outbox, the seat-reservation service."""

@@ -1,0 +1,1 @@
+"""The seat-reservation service: ``python -m examples.seats`` (see README)."""

@@ -1,0 +1,30 @@
+"""Run the seat-reservation service: ``python -m examples.seats [--store URL] [--port 8000]``."""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+from .app import create_app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m examples.seats", description=__doc__)
+    parser.add_argument("--store", default="sqlite:///seats.db", help="astm store URL (default: %(default)s)")
+    parser.add_argument("--mail-log", default="seats-mail.log", help="where confirmations are 'sent'")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    print(f"seat service on http://{args.host}:{args.port}  (store {args.store})", flush=True)
+    uvicorn.run(
+        create_app(args.store, args.mail_log),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=2,  # live pages hold event streams open
+    )
+
+
+if __name__ == "__main__":
+    main()
