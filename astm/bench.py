@@ -485,6 +485,29 @@ def run_all(quick: bool = False) -> list[Row]:
     return astm.run(main)
 
 
+def plot(rows: list[Row], path: str) -> None:
+    """Draw each case's ratio to its same-run baseline (log scale) as a PNG (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
+    labels = [r.case for r in rows][::-1]
+    ratios = [r.ratio for r in rows][::-1]
+    colors = ["#4a7fc1" if r.unit != "µs" else "#c1844a" for r in rows][::-1]
+    ax.barh(labels, ratios, color=colors)
+    ax.axvline(1.0, color="#444", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("astm / baseline measured in the same run (log scale; for µs rows lower is better)")
+    for y, v in enumerate(ratios):
+        ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
+    ax.set_title("python -m astm.bench")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _fmt(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
 
@@ -493,8 +516,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m astm.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small runs (a smoke test)")
     parser.add_argument("--json", action="store_true", help="print rows as JSON")
+    parser.add_argument(
+        "--plot", nargs="?", const="docs/performance.png", metavar="PNG", help="also draw the ratios as a chart"
+    )
     args = parser.parse_args(argv)
     rows = run_all(args.quick)
+    if args.plot:
+        plot(rows, args.plot)
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=2))
         return 0

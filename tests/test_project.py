@@ -29,6 +29,15 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert _quick_start_commands()[1] in ci.splitlines()
 
 
+def test_agents_example_runs() -> None:
+    """examples/agents.py runs and its checks pass."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "agents.py")], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "exactly one confirmation" in out.stdout
+
+
 def test_transfer_example_runs() -> None:
     """examples/transfer.py runs and reports that its invariant holds."""
     out = subprocess.run(
@@ -38,10 +47,14 @@ def test_transfer_example_runs() -> None:
     assert "invariant holds" in out.stdout
 
 
-def test_benchmark_quick_run() -> None:
-    """python -m astm.bench --quick runs every case (figures are not asserted: they are noisy)."""
+def test_benchmark_quick_run(tmp_path: Path) -> None:
+    """python -m astm.bench --quick runs every case and draws its chart (figures are not asserted: noisy)."""
+    chart = tmp_path / "chart.png"
     out = subprocess.run(
-        [sys.executable, "-m", "astm.bench", "--quick", "--json"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "astm.bench", "--quick", "--json", "--plot", str(chart)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     import json
@@ -49,3 +62,4 @@ def test_benchmark_quick_run() -> None:
     rows = json.loads(out.stdout)
     assert len(rows) >= 6
     assert all(r["astm"] > 0 and r["baseline"] > 0 for r in rows)
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
