@@ -7,6 +7,7 @@ versions it needs are kept, and dropping it releases them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar, overload
 
@@ -106,3 +107,17 @@ class TxReport(Generic[R]):
     changes: tuple[Change, ...]
     #: wall-clock time of the commit (seconds since the epoch)
     time: float
+
+    @classmethod
+    def of_commit(
+        cls, store: Store, t: int, result: R, changes: Iterable[tuple[Ref[Any], Any, Any]], when: float, pinned: bool
+    ) -> TxReport[R]:
+        """The report of commit ``t`` (``pinned``: its db values keep their history alive)."""
+        return cls(
+            t,
+            result,
+            Db(store, t - 1, pinned),
+            Db(store, t, pinned),
+            tuple(Change(r, o, n) for r, o, n in changes),
+            when,
+        )

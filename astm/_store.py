@@ -19,7 +19,7 @@ from . import codec
 from ._agent import Agent, AgentFamily, ErrorMode
 from ._atom import Atom
 from ._backend import Waiter
-from ._db import Change, Db, TxReport
+from ._db import Db, TxReport
 from ._errors import HistoryUnavailable, StoreClosed, SyncTimeout
 from ._outbox import Effect, Handler, Outbox
 from ._ref import Ref
@@ -355,14 +355,7 @@ class Store:
                 await w.wait()
                 continue
             pos = t
-            yield TxReport(
-                t,
-                None,
-                Db(self, t - 1, False),
-                Db(self, t, False),
-                tuple(Change(r, o, n) for r, o, n in changes),
-                when,
-            )
+            yield TxReport.of_commit(self, t, None, changes, when, pinned=False)
             del changes
 
     # -- internal: history -------------------------------------------------------

@@ -47,7 +47,7 @@ import anyio
 
 from . import codec
 from ._backend import Waiter, spawn
-from ._db import Change, Db, TxReport
+from ._db import Db, TxReport
 from ._errors import (
     CommuteConflictError,
     IOInTransactionError,
@@ -741,14 +741,7 @@ def _report(tx: Transaction, result: Any, t: int | None, changes: list[tuple[Ref
     if t is None:
         db = Db(store, tx.rp, True)
         return TxReport(tx.rp, result, db, db, (), now)
-    return TxReport(
-        t,
-        result,
-        Db(store, t - 1, True),
-        Db(store, t, True),
-        tuple(Change(r, o, n) for r, o, n in changes),
-        now,
-    )
+    return TxReport.of_commit(store, t, result, changes, now, pinned=True)
 
 
 async def _durable(store: Store, tx: Transaction, t: int) -> None:
