@@ -317,8 +317,28 @@ class Outbox:
         """Entries delivered since the store opened."""
         return self._delivered
 
+    async def dead_letters(self) -> list[DeadLetter]:
+        """``dead()`` for every store, the PostgreSQL store included (where entries live in the database)."""
+        remote = self.store._remote
+        if remote is None:
+            return self.dead()
+        return [DeadLetter(k, e, p, a, RuntimeError(err)) for k, e, p, a, err in await remote.dead()]
+
+    async def requeue_letters(self, key: Key | None = None) -> int:
+        """``requeue()`` for every store, the PostgreSQL store included."""
+        remote = self.store._remote
+        if remote is None:
+            return self.requeue(key)
+        return await remote.requeue(key)
+
     async def drain(self) -> None:
-        """Wait until no entry is pending (delivered or dead-lettered)."""
+        """Wait until no entry is pending (delivered or dead-lettered).
+
+        On the PostgreSQL store: until no entry of any peer is pending.
+        """
+        if self.store._remote is not None:
+            await self.store._remote.drain()
+            return
         with self._lock:
             if self._pending == 0:
                 return

@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
 from heapq import heappush
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -26,6 +26,9 @@ from ._ref import Ref
 from ._tx import _validate_value, decay_history, pin_floor, run_transaction
 from ._values import check_value
 from .abc import Storage
+
+if TYPE_CHECKING:
+    from .stores.postgres import PostgresStorage
 
 __all__ = ["Stats", "Store"]
 
@@ -98,6 +101,8 @@ class Store:
         self.url = url or "memory://"
         self._durability = durability
         self._backend: Storage | None = None
+        #: the PostgreSQL peer backend (commits are validated remotely)
+        self._remote: PostgresStorage | None = None
         self._lock = threading.Lock()
         self._t = 0
         self._refs: dict[str, Ref[Any]] = {}
@@ -131,6 +136,11 @@ class Store:
             self._open_backend(url)
 
     def _open_backend(self, url: str) -> None:
+        if url.startswith(("postgresql://", "postgres://")):
+            from .stores.postgres import PostgresStorage
+
+            self._remote = PostgresStorage(url, self)
+            return
         if url.startswith("sqlite:///"):
             from .stores.sqlite import SqliteStorage
 
@@ -175,7 +185,8 @@ class Store:
                 check_value(initial, name)
                 if validator is not None:
                     _validate_value(name, validator, initial)
-                enc = codec.dumps(initial, f"ref {name!r}") if self._backend is not None else ""
+                durable = self._backend is not None or self._remote is not None
+                enc = codec.dumps(initial, f"ref {name!r}") if durable else ""
                 r = Ref(self, name, initial, validator, len(self._refs))
                 r._enc = enc
                 self._refs[name] = r
@@ -455,15 +466,20 @@ class Store:
         with anyio.move_on_after(timeout):
             for fam in list(self._agents.values()):
                 await fam._drained()
-            await self.outbox.drain()
+            if self._remote is None:  # a peer leaves pending entries to the other peers
+                await self.outbox.drain()
         with self._lock:
             tick, self._tick = self._tick, []
         for w in tick:
             w.fire()
         if self._backend is not None:
             await anyio.to_thread.run_sync(self._backend.close)
+        if self._remote is not None:
+            await self._remote.close()
 
     async def __aenter__(self) -> Store:
+        if self._remote is not None:
+            await self._remote.open()
         self.outbox.resume()
         return self
 

@@ -694,7 +694,13 @@ async def run_transaction(
                     r = await r
                 if not tx.vals and not tx.outbox:
                     return await _finish_read_only(tx, r, report)
-                t, changes, wake, watched = tx.commit(report)
+                remote = tx.store._remote if tx.store is not None else None
+                if remote is None:
+                    t, changes, wake, watched = tx.commit(report)
+                else:
+                    t, changes = await remote.commit(tx)
+                    wake, watched = None, False  # applying the log woke waiters and ran watches
+                    _count_remote(tx, t, report)
             except _Conflict as c:
                 await _after_conflict(tx, c, retry_limit)
                 continue
@@ -710,7 +716,7 @@ async def run_transaction(
         assert store is not None
         if store._backend is not None:
             await _durable(store, tx, t)
-        elif tx.outbox:
+        elif tx.outbox and store._remote is None:
             store.outbox.add_committed(t, tx.outbox)
         if wake is not None:
             for w in wake:
@@ -742,6 +748,18 @@ def _report(tx: Transaction, result: Any, t: int | None, changes: list[tuple[Ref
         db = Db(store, tx.rp, True)
         return TxReport(tx.rp, result, db, db, (), now)
     return TxReport.of_commit(store, t, result, changes, now, pinned=True)
+
+
+def _count_remote(tx: Transaction, t: int, report: bool) -> None:
+    """Stats (and report pins) for a commit made through a remote store."""
+    store = tx.store
+    assert store is not None
+    with store._lock:
+        store._commits += 1
+        store._attempts += tx.attempts
+        if report:
+            store._pin(t - 1)
+            store._pin(t)
 
 
 async def _durable(store: Store, tx: Transaction, t: int) -> None:

@@ -1,0 +1,66 @@
+"""A throwaway PostgreSQL cluster for the tests, started with PostgreSQL's own programs.
+
+``ASTM_TEST_POSTGRES_DSN`` (a database the tests may fill) is used when set.
+Otherwise ``initdb``/``pg_ctl`` (on PATH or in /usr/lib/postgresql/*/bin)
+create a cluster in a temporary directory, listening on a free loopback port;
+as root they run as the ``postgres`` OS user, which PostgreSQL requires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+def _bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return candidates[-1] if candidates else None
+
+
+def available() -> bool:
+    return bool(os.environ.get("ASTM_TEST_POSTGRES_DSN")) or all(_bin(n) for n in ("initdb", "pg_ctl", "postgres"))
+
+
+class Cluster:
+    """A started cluster; ``dsn`` connects to its ``astm`` database."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="astm-pg-"))
+        self.data = self.dir / "data"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.as_postgres = os.geteuid() == 0
+        if self.as_postgres:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self._run([_bin("initdb"), "-D", str(self.data), "-U", "astm", "--auth=trust", "-E", "UTF8"])
+        self.start()
+        self._run([_bin("createdb") or "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "astm", "astm"])
+        self.dsn = f"postgresql://astm@127.0.0.1:{self.port}/astm"
+
+    def _run(self, argv: list[str | None]) -> None:
+        cmd = [str(a) for a in argv]
+        if self.as_postgres:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c max_connections=200 -c fsync=on"
+        self._run([_bin("pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.dir / "log"), "-w", "start"])
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run([_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"])
+
+    def destroy(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
+            self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,243 @@
+"""The PostgreSQL store: the conformance suite, and peers in several processes sharing one state."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+
+import astm
+
+from .conformance import DurableStoreConformance
+from .pg_child import ACCOUNTS, START
+
+CHILD = Path(__file__).with_name("pg_child.py")
+Key = tuple[int, int]
+
+
+class TestPostgresStore(DurableStoreConformance):
+    @pytest.fixture(autouse=True)
+    def _db(self, pg_dsn: str) -> None:
+        self.dsn = pg_dsn
+
+    def make_store(self, **options: Any) -> astm.Store:
+        return astm.Store(self.dsn, **options)
+
+    def reopen(self, store: astm.Store, **options: Any) -> astm.Store:
+        return astm.Store(self.dsn, **options)
+
+
+async def _log_rows(dsn: str) -> list[tuple[int, list[Any]]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT t, changes FROM astm_log ORDER BY t")
+    finally:
+        await conn.close()
+    return [(r["t"], json.loads(r["changes"])) for r in rows]
+
+
+class TestPeers:
+    async def test_read_your_writes_across_peers(self, pg_dsn: str) -> None:
+        """A write on one peer is visible on another after sync(t); the second peer catches up by itself."""
+        async with astm.Store(pg_dsn) as a, astm.Store(pg_dsn) as b:
+            ra, rb = a.ref("r", 0), b.ref("r", 0)
+            rep = await a.transact(lambda: ra.set(42))
+            db = await b.sync(rep.t, timeout=5)
+            assert db.t >= rep.t and db[rb] == 42 and rb.get() == 42
+            # b writes on top of a's commit: it had to catch up to validate
+            await b.atomically(lambda: rb.alter(lambda v: v + 1))
+            assert (await a.sync(b.t, timeout=5))[ra] == 43
+
+    async def test_conflicts_between_peers_retry(self, pg_dsn: str) -> None:
+        """Two peers incrementing one ref with alter lose no update."""
+        async with astm.Store(pg_dsn) as a, astm.Store(pg_dsn) as b:
+
+            async def bump(store: astm.Store) -> None:
+                r = store.ref("n", 0)
+                for _ in range(40):
+                    await store.atomically(lambda: r.alter(lambda v: v + 1))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(bump, a)
+                tg.start_soon(bump, b)
+            assert (await a.sync(b.t, timeout=5))[a.ref("n", 0)] == 80
+
+    async def test_commute_across_peers_never_reruns_the_body(self, pg_dsn: str) -> None:
+        """Commutes from two peers end exact; a stale commute is re-applied without running the body again."""
+        runs = 0
+        async with astm.Store(pg_dsn) as a, astm.Store(pg_dsn) as b:
+
+            async def hit(store: astm.Store) -> None:
+                nonlocal runs
+                r = store.ref("hits", 0)
+
+                def body() -> None:
+                    nonlocal runs
+                    runs += 1
+                    r.commute(lambda v: v + 1)
+
+                for _ in range(50):
+                    await store.atomically(body)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hit, a)
+                tg.start_soon(hit, b)
+            assert (await a.sync(b.t, timeout=5))[a.ref("hits", 0)] == 100
+        assert runs == 100
+
+    async def test_outbox_two_peers_exactly_once_after_dedup(self, pg_dsn: str) -> None:
+        """Two peers dispatch the shared outbox: every committed entry arrives, deduped by key exactly once."""
+        got: list[tuple[str, Key]] = []
+        async with astm.Store(pg_dsn) as a, astm.Store(pg_dsn) as b:
+            for peer, store in (("a", a), ("b", b)):
+
+                @store.effect("mail", backoff=0.01)
+                async def mail(payload: int, *, key: Key, peer: str = peer) -> None:
+                    if random.random() < 0.2:
+                        raise ConnectionError("flaky")
+                    got.append((peer, key))
+
+            ea = a.outbox._effects["mail"]
+
+            def body(i: int) -> None:
+                a.ref("n", 0).alter(lambda v: v + 1)
+                ea.enqueue(i, order_key=i % 3)
+
+            for i in range(60):
+                await a.atomically(body, i)
+            with anyio.fail_after(30):
+                await a.outbox.drain()
+            assert await a.outbox.dead_letters() == []
+        keys = {k for _, k in got}
+        assert keys == {(t, 0) for t in range(1, 61)}
+        assert {p for p, _ in got} == {"a", "b"}, "both peers should have delivered"
+
+    async def test_missing_rights_are_explained(self, pg_dsn: str) -> None:
+        """A database user that may not create the tables gets a clear StorageError."""
+        admin = await asyncpg.connect(pg_dsn)
+        try:
+            await admin.execute("DROP ROLE IF EXISTS astm_weak; CREATE ROLE astm_weak LOGIN")
+        finally:
+            await admin.close()
+        weak = pg_dsn.replace("astm@", "astm_weak@", 1)
+        with pytest.raises(astm.StorageError, match="lacks a right"):
+            async with astm.Store(weak):
+                pass
+
+    async def test_unopened_store_is_refused(self, pg_dsn: str) -> None:
+        """Using a PostgreSQL store before `async with` gives a clear error."""
+        store = astm.Store(pg_dsn)
+        r = store.ref("r", 0)
+        with pytest.raises(astm.StorageError, match="async with"):
+            await store.atomically(lambda: r.set(1))
+
+
+class TestProcesses:
+    def test_four_processes_keep_the_total(self, pg_dsn: str) -> None:
+        """4 peer processes doing concurrent transfers keep the total; every acknowledged t is in the log."""
+        children = [
+            subprocess.Popen([sys.executable, str(CHILD), pg_dsn, str(seed), "60"], stdout=subprocess.PIPE, text=True)
+            for seed in range(4)
+        ]
+        acked: list[int] = []
+        for c in children:
+            out, _ = c.communicate(timeout=120)
+            assert c.returncode == 0
+            acked += [int(x) for x in out.split()]
+        assert len(acked) == 4 * 60 and len(set(acked)) == len(acked)
+        rows = anyio.run(_log_rows, pg_dsn)
+        assert [t for t, _ in rows] == list(range(1, len(rows) + 1))
+        assert set(acked) <= {t for t, _ in rows}
+        self._check_total(pg_dsn)
+
+    def test_sigkill_mid_commit_leaves_no_half_commit(self, pg_dsn: str) -> None:
+        """Peers killed with SIGKILL at random moments leave every commit whole and the total intact."""
+        rng = random.Random(4)
+        acked: list[int] = []
+        for i in range(6):
+            child = subprocess.Popen(
+                [sys.executable, str(CHILD), pg_dsn, str(i), "0"], stdout=subprocess.PIPE, text=True
+            )
+            assert child.stdout is not None
+            first = child.stdout.readline()
+            assert first
+            time.sleep(rng.uniform(0.05, 0.4))
+            child.send_signal(signal.SIGKILL)
+            rest, _ = child.communicate(timeout=30)
+            acked += [int(x) for x in [first, *rest.split()] if str(x).strip()]
+        rows = anyio.run(_log_rows, pg_dsn)
+        for t, changes in rows:
+            assert len(changes) == 2, f"t={t} is not a whole transfer"
+            assert sum(new - old for _, old, new in changes) == 0
+        assert set(acked) <= {t for t, _ in rows}
+        self._check_total(pg_dsn)
+
+    def _check_total(self, dsn: str) -> None:
+        async def total() -> int:
+            async with astm.Store(dsn) as s:
+                return sum(s.ref(f"acct-{i}", START).get() for i in range(ACCOUNTS))
+
+        assert anyio.run(total) == START * ACCOUNTS
+
+
+class TestServerRestart:
+    async def test_restart_under_load(self, pg_dsn: str) -> None:
+        """PostgreSQL restarted under load: clear errors, the peer reconnects, nothing acknowledged is lost."""
+        data = os.environ.get("ASTM_TEST_PG_DATA")
+        if not data:
+            pytest.skip("needs the throwaway cluster (not ASTM_TEST_POSTGRES_DSN) to restart the server")
+        from .pgcluster import Cluster
+
+        acked: list[int] = []
+        errors: list[str] = []
+        async with astm.Store(pg_dsn) as store:
+            accounts = [store.ref(f"acct-{i}", START) for i in range(ACCOUNTS)]
+
+            def transfer(a: astm.Ref[int], b: astm.Ref[int]) -> None:
+                a.alter(lambda v: v - 1)
+                b.alter(lambda v: v + 1)
+
+            stop = False
+
+            async def client(seed: int) -> None:
+                rng = random.Random(seed)
+                while not stop:
+                    x, y = rng.sample(accounts, 2)
+                    try:
+                        acked.append((await store.transact(transfer, x, y)).t)
+                    except astm.StorageError as exc:  # the only error a lost server may cause
+                        errors.append(str(exc))
+                        await anyio.sleep(0.05)
+
+            cluster = Cluster.__new__(Cluster)
+            cluster.data = Path(data)
+            cluster.dir = Path(data).parent
+            cluster.as_postgres = os.geteuid() == 0
+            cluster.port = int(pg_dsn.rsplit(":", 1)[1].split("/")[0])
+            async with anyio.create_task_group() as tg:
+                for seed in range(4):
+                    tg.start_soon(client, seed)
+                await anyio.sleep(0.5)
+                await anyio.to_thread.run_sync(lambda: cluster.stop("fast"))
+                await anyio.sleep(0.5)
+                await anyio.to_thread.run_sync(cluster.start)
+                before = len(acked)
+                await anyio.sleep(2)
+                stop = True
+            assert errors, "transactions in flight during the restart should get a clear error"
+            assert all("not committed" in e or "unknown" in e for e in errors), errors[:3]
+            assert len(acked) > before, "the peer did not reconnect"
+        log_ts = {t for t, _ in await _log_rows(pg_dsn)}
+        assert set(acked) <= log_ts
+        async with astm.Store(pg_dsn) as s:
+            assert sum(s.ref(f"acct-{i}", START).get() for i in range(ACCOUNTS)) == START * ACCOUNTS
