@@ -3,6 +3,8 @@
 Figures are ratios to the baseline measured in the same run, because the
 machines these run on are shared and noisy. ``--quick`` runs every case small
 (a smoke test, used by the test suite); ``--json`` prints the rows as JSON.
+The PostgreSQL cases use ``ASTM_BENCH_POSTGRES_DSN`` or a throwaway cluster
+when PostgreSQL's programs are installed, and are left out otherwise.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -466,6 +469,149 @@ async def _sqlite(n: int, tasks: int) -> list[Row]:
     ]  # fmt: skip
 
 
+async def _pg_worker(kind: str, dsn: str, tasks: int, seconds: float) -> int:
+    """One process of the PostgreSQL throughput case; returns its committed transfers."""
+    import asyncpg
+
+    rng = random.Random()
+    count = 0
+    stop = time.perf_counter() + seconds
+    if kind == "astm":
+        async with astm.Store(dsn) as store:
+            refs = [store.ref(f"acct-{i}", 1_000_000) for i in range(100)]
+
+            def transfer(a: astm.Ref[int], b: astm.Ref[int]) -> None:
+                a.alter(_sub, 1)
+                b.alter(_add, 1)
+
+            async def run() -> None:
+                nonlocal count
+                while time.perf_counter() < stop:
+                    x, y = rng.sample(refs, 2)
+                    await store.atomically(transfer, x, y)
+                    count += 1
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(tasks):
+                    tg.start_soon(run)
+        return count
+
+    async def direct() -> None:
+        nonlocal count
+        conn = await asyncpg.connect(dsn)
+        try:
+            while time.perf_counter() < stop:
+                a, b = rng.sample(range(100), 2)
+                while True:
+                    try:
+                        async with conn.transaction(isolation="serializable"):
+                            await conn.execute("UPDATE bench_acct SET balance = balance - 1 WHERE id = $1", a)
+                            await conn.execute("UPDATE bench_acct SET balance = balance + 1 WHERE id = $1", b)
+                        break
+                    except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError):
+                        continue
+                count += 1
+        finally:
+            await conn.close()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(tasks):
+            tg.start_soon(direct)
+    return count
+
+
+async def _postgres(seconds: float, dsn: str | None = None) -> list[Row]:
+    """The PostgreSQL store vs asyncpg at SERIALIZABLE with a retry loop: 1, 8, 32 tasks over 4 processes."""
+    import subprocess
+    import sys
+
+    import asyncpg
+
+    from .testing import Cluster, available
+
+    cluster = None
+    if dsn is None:
+        if not available():
+            return []
+        cluster = Cluster()
+        dsn = cluster.dsn
+    try:
+        conn = await asyncpg.connect(dsn)
+        await conn.execute("DROP TABLE IF EXISTS bench_acct")
+        await conn.execute("CREATE TABLE bench_acct (id int PRIMARY KEY, balance bigint NOT NULL)")
+        await conn.execute("INSERT INTO bench_acct SELECT g, 1000000 FROM generate_series(0, 99) g")
+        await conn.close()
+        async with astm.Store(dsn):
+            pass  # create the schema once
+
+        async def measure(kind: str, tasks: int) -> float:
+            procs = min(4, tasks)
+            per = [tasks // procs + (1 if i < tasks % procs else 0) for i in range(procs)]
+            argv = [sys.executable, "-m", "astm.bench", "--pg-worker", kind, dsn, str(seconds)]
+            children = [await anyio.open_process([*argv, str(n)], stdout=subprocess.PIPE) for n in per]
+            total = 0
+            for c in children:
+                assert c.stdout is not None
+                out = b""
+                async for chunk in c.stdout:
+                    out += chunk
+                await c.wait()
+                total += int(out.split()[-1])
+            return total / seconds
+
+        rows = []
+        for tasks in (1, 8, 32):
+            a = await measure("astm", tasks)
+            d = await measure("direct", tasks)
+            name = f"postgres store, {tasks} tasks over {min(4, tasks)} processes"
+            target = ">= 1 at 32" if tasks == 32 else ""
+            rows.append(Row(name, a, d, "tx/s", a / d, target, "baseline: asyncpg SERIALIZABLE + retry loop"))
+        rows.append(await _sync_lag(dsn))
+        return rows
+    finally:
+        if cluster is not None:
+            cluster.destroy()
+
+
+async def _sync_lag(dsn: str, rounds: int = 200) -> Row:
+    """How long after one process commits another has it through sync(t); baseline: the pipe itself."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time, anyio, astm\n"
+        "async def main():\n"
+        "    async with astm.Store(sys.argv[1]) as s:\n"
+        "        r = s.ref('lag', 0)\n"
+        "        for i in range(int(sys.argv[2])):\n"
+        "            rep = await s.transact(lambda: r.alter(lambda v: v + 1))\n"
+        "            print(rep.t, time.time(), flush=True)\n"
+        "            await anyio.sleep(0.005)\n"
+        "anyio.run(main)\n"
+    )
+    lags: list[float] = []
+    pipe: list[float] = []
+    async with astm.Store(dsn) as store:
+        proc = await anyio.open_process([sys.executable, "-c", code, dsn, str(rounds)], stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        buf = b""
+        async for chunk in proc.stdout:
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                t_text, sent = line.split()
+                got = time.time()
+                pipe.append(got - float(sent))
+                await store.sync(int(t_text), timeout=10)
+                lags.append(time.time() - float(sent))
+        await proc.wait()
+    med = statistics.median(lags) * 1000
+    p99 = sorted(lags)[max(0, int(len(lags) * 0.99) - 1)] * 1000
+    base = statistics.median(pipe) * 1000
+    return Row("sync(t) lag between two processes (median)", med, base, "ms", med / base, "",
+               f"p99 {p99:.2f} ms; baseline: the pipe that carried t")  # fmt: skip
+
+
 def run_all(quick: bool = False) -> list[Row]:
     """Run every case and return the rows."""
 
@@ -480,6 +626,7 @@ def run_all(quick: bool = False) -> list[Row]:
         rows.append(await _outbox(1_000 if quick else 50_000))
         rows.append(await _send_overhead(1_000 if quick else 20_000))
         rows.extend(await _sqlite(100 if quick else 2_000, 100))
+        rows.extend(await _postgres(0.5 if quick else 3.0, os.environ.get("ASTM_BENCH_POSTGRES_DSN")))
         return rows
 
     return astm.run(main)
@@ -513,6 +660,11 @@ def _fmt(x: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--pg-worker"]:  # one process of the PostgreSQL case
+        kind, dsn, seconds, tasks = argv[1], argv[2], float(argv[3]), int(argv[4])
+        print(astm.run(_pg_worker, kind, dsn, tasks, seconds))
+        return 0
     parser = argparse.ArgumentParser(prog="python -m astm.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small runs (a smoke test)")
     parser.add_argument("--json", action="store_true", help="print rows as JSON")

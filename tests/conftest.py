@@ -23,7 +23,7 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[str]:
     """An admin DSN: ASTM_TEST_POSTGRES_DSN, or a throwaway cluster started for this test run."""
-    from . import pgcluster
+    from astm import testing as pgcluster
 
     if os.environ.get("ASTM_TEST_POSTGRES_DSN"):
         yield os.environ["ASTM_TEST_POSTGRES_DSN"]

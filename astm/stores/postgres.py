@@ -64,48 +64,53 @@ _SCHEMA = [
         t bigint NOT NULL, seq int NOT NULL, effect text NOT NULL, payload text NOT NULL, order_key text,
         attempts int NOT NULL DEFAULT 0, error text, next_at timestamptz NOT NULL DEFAULT now(),
         locked_until timestamptz, PRIMARY KEY (t, seq))""",
-    """CREATE OR REPLACE FUNCTION astm_commit(
-        p_tx uuid, p_time double precision,
-        p_read_names text[], p_read_ts bigint[], p_commute_names text[], p_commute_ts bigint[],
-        p_names text[], p_values text[], p_changes text,
-        p_effects text[], p_payloads text[], p_order_keys text[])
-    RETURNS TABLE (status text, t bigint, names text[], ts bigint[])
+    """CREATE OR REPLACE FUNCTION astm_commit_batch(p_batch jsonb) RETURNS jsonb
     LANGUAGE plpgsql AS $$
     DECLARE
         cur bigint;
+        tx jsonb;
         bad text[];
-        bad_t bigint[];
+        results jsonb := '[]'::jsonb;
     BEGIN
         SELECT m.value::bigint INTO cur FROM astm_meta m WHERE m.key = 't' FOR UPDATE;  -- the commit lock
-        SELECT array_agg(r.name), array_agg(r.t) INTO bad, bad_t
-          FROM astm_refs r JOIN unnest(p_read_names, p_read_ts) AS x(name, t) ON r.name = x.name
-         WHERE r.t > x.t;
-        IF bad IS NOT NULL THEN
-            RETURN QUERY SELECT 'conflict'::text, cur, bad, bad_t;
-            RETURN;
-        END IF;
-        SELECT array_agg(r.name), array_agg(r.t) INTO bad, bad_t
-          FROM astm_refs r JOIN unnest(p_commute_names, p_commute_ts) AS x(name, t) ON r.name = x.name
-         WHERE r.t > x.t;
-        IF bad IS NOT NULL THEN
-            RETURN QUERY SELECT 'stale'::text, cur, bad, bad_t;
-            RETURN;
-        END IF;
-        cur := cur + 1;
+        FOR tx IN SELECT * FROM jsonb_array_elements(p_batch) LOOP
+            -- each transaction is validated against the state the earlier ones left
+            SELECT array_agg(r.name) INTO bad
+              FROM astm_refs r JOIN jsonb_to_recordset(tx->'reads') AS x(name text, t bigint) ON r.name = x.name
+             WHERE r.t > x.t;
+            IF bad IS NOT NULL THEN
+                results := results || jsonb_build_array(
+                    jsonb_build_object('status', 'conflict', 't', cur, 'names', to_jsonb(bad)));
+                CONTINUE;
+            END IF;
+            SELECT array_agg(r.name) INTO bad
+              FROM astm_refs r JOIN jsonb_to_recordset(tx->'commutes') AS x(name text, t bigint) ON r.name = x.name
+             WHERE r.t > x.t;
+            IF bad IS NOT NULL THEN
+                results := results || jsonb_build_array(
+                    jsonb_build_object('status', 'stale', 't', cur, 'names', to_jsonb(bad)));
+                CONTINUE;
+            END IF;
+            cur := cur + 1;
+            INSERT INTO astm_refs (name, t, value)
+                 SELECT x.name, cur, x.value FROM jsonb_to_recordset(tx->'writes') AS x(name text, value text)
+            ON CONFLICT (name) DO UPDATE SET t = excluded.t, value = excluded.value;
+            INSERT INTO astm_log (t, tx_id, time, changes)
+                 VALUES (cur, (tx->>'id')::uuid, (tx->>'time')::double precision, tx->>'changes');
+            INSERT INTO astm_outbox (t, seq, effect, payload, order_key)
+                 SELECT cur, x.seq, x.effect, x.payload, x.order_key
+                   FROM jsonb_to_recordset(tx->'outbox') AS x(seq int, effect text, payload text, order_key text);
+            results := results || jsonb_build_array(jsonb_build_object('status', 'ok', 't', cur));
+        END LOOP;
         UPDATE astm_meta SET value = cur::text WHERE key = 't';
-        INSERT INTO astm_refs (name, t, value)
-             SELECT x.n, cur, x.v FROM unnest(p_names, p_values) AS x(n, v)
-        ON CONFLICT (name) DO UPDATE SET t = excluded.t, value = excluded.value;
-        INSERT INTO astm_log (t, tx_id, time, changes) VALUES (cur, p_tx, p_time, p_changes);
-        INSERT INTO astm_outbox (t, seq, effect, payload, order_key)
-             SELECT cur, (x.ord - 1)::int, x.e, x.p, x.k
-               FROM unnest(p_effects, p_payloads, p_order_keys) WITH ORDINALITY AS x(e, p, k, ord);
         PERFORM pg_notify('astm_commits', cur::text);
-        RETURN QUERY SELECT 'ok'::text, cur, NULL::text[], NULL::bigint[];
+        RETURN results;
     END $$""",
 ]
 
-_COMMIT = "SELECT * FROM astm_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+_COMMIT = "SELECT astm_commit_batch($1::jsonb)"
+#: the most transactions one round trip carries
+BATCH_MAX = 64
 
 _CLAIM = f"""
 UPDATE astm_outbox o SET locked_until = now() + interval '{OUTBOX_LEASE}', attempts = o.attempts + 1
@@ -160,6 +165,10 @@ class PostgresStorage:
         self._stopped = anyio.Event()
         self._delivery_stopped = anyio.Event()
         self._peer = uuid.uuid4().hex[:12]
+        self._queue: list[tuple[uuid.UUID, dict[str, Any], Waiter]] = []
+        #: times this peer lost its notification connection and opened a new one
+        self.reconnects = 0
+        self._sending = False
 
     # -- opening ---------------------------------------------------------------------
 
@@ -175,11 +184,15 @@ class PostgresStorage:
         try:
             async with self.pool.acquire() as conn:
                 await self._schema(conn)
-                t = int(await conn.fetchval("SELECT value FROM astm_meta WHERE key = 't'"))
-                rows = await conn.fetch("SELECT name, t, value FROM astm_refs")
-                history = await conn.fetch(
-                    "SELECT t, time, changes FROM astm_log WHERE t > $1 ORDER BY t", t - self.store._history
-                )
+                # one snapshot: the basis t, the values at t and the log up to t agree
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    t = int(await conn.fetchval("SELECT value FROM astm_meta WHERE key = 't'"))
+                    rows = await conn.fetch("SELECT name, t, value FROM astm_refs")
+                    history = await conn.fetch(
+                        "SELECT t, time, changes FROM astm_log WHERE t > $1 AND t <= $2 ORDER BY t",
+                        t - self.store._history,
+                        t,
+                    )
         except BaseException:
             await self.pool.close()
             self.pool = None
@@ -259,7 +272,11 @@ class PostgresStorage:
                 break
             try:
                 if self._listener is None or self._listener.is_closed():
+                    if self._listener is not None:
+                        self._listener.terminate()
+                        self._listener = None
                     await self._listen()
+                    self.reconnects += 1
                 await self.catch_up()
             except errors as exc:
                 log.warning("astm peer lost PostgreSQL (%s); reconnecting", exc)
@@ -379,38 +396,73 @@ class PostgresStorage:
             changes = (
                 "[" + ",".join(f"[{json.dumps(n)},{o},{e}]" for n, o, e in zip(names, olds, encs, strict=True)) + "]"
             )
-            effects, payloads, order_keys = [], [], []
-            for name, payload, order_key in tx.outbox or ():
+            outbox = []
+            for seq, (name, entry, order_key) in enumerate(tx.outbox or ()):
                 where = f"outbox entry of effect {name!r}"
-                effects.append(name)
-                payloads.append(codec.dumps(payload, where))
-                order_keys.append(None if order_key is None else codec.dumps(order_key, where))
-            args = (
-                tx_id, time.time(), read_names, read_ts, [r.name for r in commuted], commute_ts,
-                names, encs, changes, effects, payloads, order_keys,
-            )  # fmt: skip
-            row = await self._send(tx_id, args)
-            status, t, bad_names = row["status"], row["t"], row["names"]
+                outbox.append({
+                    "seq": seq, "effect": name, "payload": codec.dumps(entry, where),
+                    "order_key": None if order_key is None else codec.dumps(order_key, where),
+                })  # fmt: skip
+            payload = {
+                "id": str(tx_id),
+                "time": time.time(),
+                "reads": [{"name": n, "t": t} for n, t in zip(read_names, read_ts, strict=True)],
+                "commutes": [{"name": r.name, "t": t} for r, t in zip(commuted, commute_ts, strict=True)],
+                "writes": [{"name": n, "value": e} for n, e in zip(names, encs, strict=True)],
+                "changes": changes,
+                "outbox": outbox,
+            }
+            result = await self._batched(tx_id, payload)
+            status, t = result["status"], result["t"]
             if status == "ok":
                 await self._catch_up_after(t)
                 return t, [(r, old, vals[r]) for r, old in zip(vals, old_vals, strict=True)]
             await self._catch_up_after(t)
             if status == "stale":
                 continue  # only commuted refs moved: re-apply the commutes, not the body
-            raise _Conflict([store._refs[n] for n in bad_names if n in store._refs])
+            raise _Conflict([store._refs[n] for n in result["names"] if n in store._refs])
 
-    async def _send(self, tx_id: uuid.UUID, args: tuple[Any, ...]) -> Any:
-        """One round trip. If the connection drops, the outcome is looked up in the log (never re-run).
+    async def _batched(self, tx_id: uuid.UUID, payload: dict[str, Any]) -> dict[str, Any]:
+        """Queue one commit; a leader sends everything queued in one round trip (one WAL flush).
 
-        Committed: the commit stands and is returned. Not committed: a clear
-        ``StorageError`` (the caller may retry). Unreachable for
-        ``RESOLVE_SECONDS``: a ``StorageError`` saying the outcome is unknown.
+        While a batch is in flight, later commits queue up and go together in
+        the next one, so a busy peer pays one round trip for many commits.
+        """
+        w = Waiter()
+        self._queue.append((tx_id, payload, w))
+        if not self._sending:
+            self._sending = True
+            try:
+                while self._queue:
+                    batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
+                    try:
+                        results = await self._send([p for _, p, _ in batch], [i for i, _, _ in batch])
+                    except BaseException as exc:
+                        for _, _, bw in batch:
+                            bw.fire(exc)
+                        continue
+                    for (_, _, bw), res in zip(batch, results, strict=True):
+                        bw.fire(res)
+            finally:
+                self._sending = False
+        await w.wait()
+        if isinstance(w.payload, BaseException):
+            raise w.payload
+        return w.payload  # type: ignore[no-any-return]
+
+    async def _send(self, payloads: list[dict[str, Any]], ids: list[uuid.UUID]) -> list[Any]:
+        """One round trip for a batch. If the connection drops, each outcome is looked up in the log.
+
+        Committed: the commit stands. Not committed: a clear ``StorageError``
+        (safe to run again). Unreachable for ``RESOLVE_SECONDS``: a
+        ``StorageError`` saying the outcome is unknown. Never re-sent, never
+        re-run.
         """
         assert self.pool is not None
         errors = _connection_errors()
         try:
             async with self.pool.acquire() as conn:
-                return await conn.fetchrow(_COMMIT, *args)
+                return list(json.loads(await conn.fetchval(_COMMIT, json.dumps(payloads))))
         except errors as exc:
             first = exc
         deadline = time.monotonic() + RESOLVE_SECONDS
@@ -418,19 +470,19 @@ class PostgresStorage:
             await anyio.sleep(0.1)
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
-                    # the commit lock: waits out a commit still running on the dropped connection
+                    # the commit lock: waits out a batch still running on the dropped connection
                     await conn.execute("SELECT 1 FROM astm_meta WHERE key = 't' FOR UPDATE")
-                    t = await conn.fetchval("SELECT t FROM astm_log WHERE tx_id = $1", tx_id)
+                    found = dict(await conn.fetch("SELECT tx_id, t FROM astm_log WHERE tx_id = ANY($1)", ids))
             except errors:
                 continue
-            if t is not None:
-                return {"status": "ok", "t": t, "names": None}
-            raise StorageError(
+            lost = StorageError(
                 self._where(),
                 f"the connection to PostgreSQL was lost during the commit ({first!r}); "
                 "the transaction was not committed",
                 "it is safe to run it again",
-            ) from first
+            )
+            lost.__cause__ = first
+            return [{"status": "ok", "t": found[i]} if i in found else lost for i in ids]
         raise StorageError(
             self._where(),
             f"the connection to PostgreSQL was lost during a commit and its outcome is unknown ({first!r})",

@@ -1,4 +1,7 @@
-"""A throwaway PostgreSQL cluster for the tests, started with PostgreSQL's own programs.
+"""Helpers for testing code built on astm: a throwaway PostgreSQL cluster.
+
+The cluster is started with PostgreSQL's own programs (used by astm's tests
+and benchmarks, and usable by yours).
 
 ``ASTM_TEST_POSTGRES_DSN`` (a database the tests may fill) is used when set.
 Otherwise ``initdb``/``pg_ctl`` (on PATH or in /usr/lib/postgresql/*/bin)
@@ -27,11 +30,15 @@ def _bin(name: str) -> str | None:
 
 
 def available() -> bool:
+    """Whether a cluster can be had: ASTM_TEST_POSTGRES_DSN is set or PostgreSQL's programs are installed."""
     return bool(os.environ.get("ASTM_TEST_POSTGRES_DSN")) or all(_bin(n) for n in ("initdb", "pg_ctl", "postgres"))
 
 
+__all__ = ["Cluster", "available"]
+
+
 class Cluster:
-    """A started cluster; ``dsn`` connects to its ``astm`` database."""
+    """A started cluster; ``dsn`` connects to its ``astm`` database. ``destroy()`` removes it."""
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="astm-pg-"))
