@@ -243,3 +243,31 @@ class TestServerRestart:
         assert set(acked) <= log_ts
         async with astm.Store(pg_dsn) as s:
             assert sum(s.ref(f"acct-{i}", START).get() for i in range(ACCOUNTS)) == START * ACCOUNTS
+
+
+class TestSeatService:
+    def test_four_workers_share_the_seats(self, pg_dsn: str, tmp_path: Path) -> None:
+        """The seat service under uvicorn --workers 4 on PostgreSQL: the load driver's checks pass."""
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        root = Path(__file__).resolve().parent.parent
+        mail = tmp_path / "mail.log"
+        server = subprocess.Popen(
+            [sys.executable, "-m", "examples.seats", "--store", pg_dsn, "--workers", "4",
+             "--mail-log", str(mail), "--port", str(port)],
+            cwd=root,
+        )  # fmt: skip
+        try:
+            out = subprocess.run(
+                [sys.executable, "-m", "examples.seats.load", "--clients", "40", "--seconds", "4",
+                 "--url", f"http://127.0.0.1:{port}", "--mail-log", str(mail)],
+                cwd=root, capture_output=True, text=True, timeout=180,
+            )  # fmt: skip
+        finally:
+            server.terminate()
+            server.wait(30)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "checks passed" in out.stdout

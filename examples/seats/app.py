@@ -10,6 +10,7 @@ answered from a state that includes that ``t`` (read-your-writes through
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -194,6 +195,14 @@ def create_app(store_url: str = "sqlite:///seats.db", mail_log: str = "seats-mai
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.astm = state
     return app
+
+
+def from_env() -> Starlette:
+    """The app configured by ASTM_SEATS_STORE and ASTM_SEATS_MAIL_LOG (for ``uvicorn --workers``)."""
+    return create_app(
+        os.environ.get("ASTM_SEATS_STORE", "sqlite:///seats.db"),
+        os.environ.get("ASTM_SEATS_MAIL_LOG", "seats-mail.log"),
+    )
 
 
 def _sse(event: str, data: Any) -> str:
