@@ -120,6 +120,9 @@ class TestPeers:
             assert await a.outbox.dead_letters() == []
         keys = {k for _, k in got}
         assert keys == {(t, 0) for t in range(1, 61)}
+        for lane in range(3):  # entries sharing an order_key arrive in commit order
+            ts = [k[0] for _, k in got if (k[0] - 1) % 3 == lane]
+            assert ts == sorted(ts)
         assert {p for p, _ in got} == {"a", "b"}, "both peers should have delivered"
 
     async def test_missing_rights_are_explained(self, pg_dsn: str) -> None:
@@ -143,6 +146,23 @@ class TestPeers:
 
 
 class TestProcesses:
+    async def test_read_your_writes_across_processes(self, pg_dsn: str) -> None:
+        """A t committed by another process is readable here after sync(t)."""
+        code = (
+            "import sys, anyio, astm\n"
+            "async def main():\n"
+            "    async with astm.Store(sys.argv[1]) as s:\n"
+            "        r = s.ref('note', '')\n"
+            "        print((await s.transact(lambda: r.set('from the other process'))).t, flush=True)\n"
+            "anyio.run(main)\n"
+        )
+        async with astm.Store(pg_dsn) as store:
+            note = store.ref("note", "")
+            result = await anyio.run_process([sys.executable, "-c", code, pg_dsn])
+            t = int(result.stdout.split()[-1])
+            db = await store.sync(t, timeout=10)
+            assert db.t >= t and db[note] == "from the other process"
+
     def test_four_processes_keep_the_total(self, pg_dsn: str) -> None:
         """4 peer processes doing concurrent transfers keep the total; every acknowledged t is in the log."""
         children = [
