@@ -334,6 +334,8 @@ class Transaction:
                     _validate(r, v)
             backend = store._backend
             if backend is not None:
+                if backend.failed is not None:
+                    raise backend.refusal()
                 encoded = _encode(vals, self.outbox)  # a value the codec refuses aborts here
             # all values calculated and validated; no more client code runs below
             t += 1

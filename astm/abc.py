@@ -48,6 +48,12 @@ class Storage(Protocol):
 
     #: the newest t known to be durable
     durable_t: int
+    #: why the backend stopped writing (then every commit is refused), else None
+    failed: BaseException | None
+
+    def refusal(self) -> Exception:
+        """The error a commit gets once the backend has failed."""
+        ...
 
     def recover(self) -> Recovered:
         """Everything stored, read once on open."""

@@ -334,3 +334,28 @@ class TestCli:
             [sys.executable, "-m", "astm", "inspect", str(tmp_path / "nope.db")], capture_output=True, text=True
         )
         assert missing.returncode == 1 and "no such file" in missing.stderr
+
+
+class TestWriterFailure:
+    async def test_a_failed_writer_refuses_further_commits(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """When writing fails (disk full), the waiting commit gets a StorageError and later commits are refused."""
+        from astm.stores.sqlite import SqliteStorage
+
+        async with astm.Store(f"sqlite:///{tmp_path / 's.db'}") as store:
+            r = store.ref("r", 0)
+            await store.atomically(lambda: r.set(1))
+
+            def full(self: SqliteStorage, conn: Any, batch: Any) -> int:
+                raise OSError(28, "No space left on device")
+
+            monkeypatch.setattr(SqliteStorage, "_write", full)
+            with pytest.raises(astm.StorageError, match="could not be made durable"):
+                await store.atomically(lambda: r.set(2))
+            with pytest.raises(astm.StorageError, match="accepts no more commits"):
+                await store.atomically(lambda: r.set(3))
+            assert r.get() == 2  # applied in memory, never acknowledged; 3 was refused before any change
+        monkeypatch.undo()
+        async with astm.Store(f"sqlite:///{tmp_path / 's.db'}") as again:
+            assert again.ref("r", 0).get() == 1 and again.t == 1  # only what was acknowledged

@@ -346,6 +346,13 @@ class SqliteStorage:
         for _, w in waiters:
             w.fire()
 
+    def refusal(self) -> StorageError:
+        return StorageError(
+            self.path,
+            f"writing to the file failed ({self.failed!r}) and the store accepts no more commits",
+            "fix the cause (disk space, permissions) and open the store again; acknowledged commits are safe",
+        )
+
     async def wait_durable(self, t: int) -> None:
         if self.durable_t >= t:
             return
