@@ -319,19 +319,7 @@ class Transaction:
                     c = r._claim
                     if c is not None and c is not self and c.deadline > now and (commutes is None or r not in commutes):
                         raise _Conflict((r,))
-            if commutes:
-                reads = self.reads
-                for r, fns in commutes.items():
-                    if r in reads:
-                        continue  # checked and unchanged: the in-tx value stands
-                    v = r._cur[1]
-                    for f, a in fns:
-                        v = f(v, *a)
-                    check_value(v, r.name)
-                    vals[r] = v
-            for r, v in vals.items():
-                if r._validator is not None:
-                    _validate(r, v)
+            self.finish_values()
             backend = store._backend
             if backend is not None:
                 if backend.failed is not None:
@@ -374,6 +362,30 @@ class Transaction:
             store._commits += 1
             store._attempts += self.attempts
         return t, changes, wake, watched
+
+    def finish_values(self) -> list[Ref[Any]]:
+        """Re-apply commutes to the newest values and run validators (under the store lock).
+
+        Returns the refs that were only commuted (not read): their values came
+        from the newest versions, not from the read point.
+        """
+        vals = self.vals
+        commuted = []
+        if self.commutes:
+            reads = self.reads
+            for r, fns in self.commutes.items():
+                if r in reads:
+                    continue  # checked and unchanged: the in-tx value stands
+                v = r._cur[1]
+                for f, a in fns:
+                    v = f(v, *a)
+                check_value(v, r.name)
+                vals[r] = v
+                commuted.append(r)
+        for r, v in vals.items():
+            if r._validator is not None:
+                _validate(r, v)
+        return commuted
 
     # -- contention ----------------------------------------------------------
 

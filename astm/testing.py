@@ -54,6 +54,17 @@ class Cluster:
         self._run([_bin("createdb") or "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "astm", "astm"])
         self.dsn = f"postgresql://astm@127.0.0.1:{self.port}/astm"
 
+    @classmethod
+    def existing(cls, data: Path, port: int) -> Cluster:
+        """A handle on a cluster already created at ``data``, listening on ``port`` (to stop or start it)."""
+        self = cls.__new__(cls)
+        self.data = data
+        self.dir = data.parent
+        self.port = port
+        self.as_postgres = os.geteuid() == 0
+        self.dsn = f"postgresql://astm@127.0.0.1:{port}/astm"
+        return self
+
     def _run(self, argv: list[str | None]) -> None:
         cmd = [str(a) for a in argv]
         if self.as_postgres:

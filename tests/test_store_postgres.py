@@ -239,11 +239,7 @@ class TestServerRestart:
                         errors.append(str(exc))
                         await anyio.sleep(0.05)
 
-            cluster = Cluster.__new__(Cluster)
-            cluster.data = Path(data)
-            cluster.dir = Path(data).parent
-            cluster.as_postgres = os.geteuid() == 0
-            cluster.port = int(pg_dsn.rsplit(":", 1)[1].split("/")[0])
+            cluster = Cluster.existing(Path(data), int(pg_dsn.rsplit(":", 1)[1].split("/")[0]))
             async with anyio.create_task_group() as tg:
                 for seed in range(4):
                     tg.start_soon(client, seed)

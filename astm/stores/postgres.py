@@ -359,8 +359,6 @@ class PostgresStorage:
 
         Raises ``_Conflict`` to run the body again.
         """
-        from .._tx import _validate
-
         store = self.store
         if self.pool is None:
             raise StorageError(
@@ -376,16 +374,7 @@ class PostgresStorage:
                 if bad:
                     raise _Conflict(bad)
                 vals = tx.vals
-                commutes = tx.commutes or {}
-                commuted = [r for r in commutes if r not in tx.reads]
-                for r in commuted:
-                    v = r._cur[1]
-                    for f, a in commutes[r]:
-                        v = f(v, *a)
-                    vals[r] = v
-                for r, v in vals.items():
-                    if r._validator is not None:
-                        _validate(r, v)
+                commuted = tx.finish_values()
                 names = [r.name for r in vals]
                 old_vals = [r._cur[1] for r in vals]
                 encs = [codec.dumps(v, f"ref {r.name!r}") for r, v in vals.items()]

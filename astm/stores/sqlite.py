@@ -235,8 +235,9 @@ class SqliteStorage:
         try:
             while True:
                 with self._cv:
+                    # idle first, then look: a submit that appends after the look sees idle and notifies
+                    self._idle = True
                     while not self._queue and not self._closing:
-                        self._idle = True
                         self._cv.wait()
                     self._idle = False
                 batch = []
