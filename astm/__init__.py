@@ -16,6 +16,7 @@ from ._errors import AgentFailed as AgentFailed
 from ._errors import AstmError as AstmError
 from ._errors import AtomInTransactionError as AtomInTransactionError
 from ._errors import CodecError as CodecError
+from ._errors import CommitOutcomeUnknown as CommitOutcomeUnknown
 from ._errors import CommuteConflictError as CommuteConflictError
 from ._errors import HistoryUnavailable as HistoryUnavailable
 from ._errors import IOInTransactionError as IOInTransactionError
@@ -26,7 +27,12 @@ from ._errors import StorageError as StorageError
 from ._errors import StoreClosed as StoreClosed
 from ._errors import StoreMismatchError as StoreMismatchError
 from ._errors import SyncTimeout as SyncTimeout
+from ._errors import TransactionEndedError as TransactionEndedError
 from ._errors import ValidationError as ValidationError
+from ._ops import assoc as assoc
+from ._ops import conj as conj
+from ._ops import disj as disj
+from ._ops import dissoc as dissoc
 from ._outbox import DeadLetter as DeadLetter
 from ._outbox import Effect as Effect
 from ._outbox import Outbox as Outbox
@@ -53,6 +59,7 @@ __all__ = [
     "AtomInTransactionError",
     "Change",
     "CodecError",
+    "CommitOutcomeUnknown",
     "CommuteConflictError",
     "Db",
     "DeadLetter",
@@ -70,10 +77,15 @@ __all__ = [
     "StoreClosed",
     "StoreMismatchError",
     "SyncTimeout",
+    "TransactionEndedError",
     "TxReport",
     "ValidationError",
     "after_commit",
+    "assoc",
     "check",
+    "conj",
+    "disj",
+    "dissoc",
     "in_transaction",
     "io",
     "or_else",

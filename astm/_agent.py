@@ -6,6 +6,12 @@ Actions of one agent run one at a time, in order. A send inside a transaction
 is held until the transaction commits (dropped on retry or abort); a send made
 while an action runs is held until that action has finished successfully.
 
+When an action fails, as in Clojure, its held sends are dropped, the
+``error_handler`` (if any) is called with ``(agent, exception)`` and its own
+sends go out at once, then the ``error_mode`` decides: ``"fail"`` stops the
+agent until ``restart``, ``"continue"`` goes on with the queue. The mode
+defaults to ``"continue"`` when a handler is given, else ``"fail"``.
+
 A family (``store.agents(name, initial)``) is a mapping from keys to agents that
 holds, per idle identity, only its state: the queue and its task exist only
 while that identity has work.
@@ -66,17 +72,21 @@ class AgentFamily(Generic[S]):
         store: Store,
         name: str,
         initial: S,
-        error_mode: ErrorMode = "fail",
+        error_mode: ErrorMode | None = None,
         error_handler: Callable[[Agent[S], BaseException], Any] | None = None,
     ) -> None:
-        if error_mode not in ("fail", "continue"):
+        if error_mode is not None and error_mode not in ("fail", "continue"):
             raise ValueError(f"error_mode must be 'fail' or 'continue', got {error_mode!r}")
         if error_handler is not None and not callable(error_handler):
             raise TypeError(f"error_handler must be callable, got {error_handler!r}")
+        if error_mode is None:
+            # Clojure's default: an agent given an error handler continues after a failure
+            error_mode = "fail" if error_handler is None else "continue"
         self.store = store
         self.name = name
         self.initial = initial
-        self.error_mode = error_mode
+        self.error_mode: ErrorMode = error_mode
+        #: called as ``error_handler(agent, exception)`` (sync or async) when an action fails
         self.error_handler = error_handler
         self._states: dict[Hashable, S] = {}
         self._work: dict[Hashable, _Work] = {}
@@ -155,18 +165,31 @@ class AgentFamily(Generic[S]):
             held: list[tuple[AgentFamily[Any], Hashable, _Action]] = []
             token = _held.set(held)
             try:
-                if off:
-                    new = await anyio.to_thread.run_sync(fn, state, *args)
+                try:
+                    if off:
+                        new = await anyio.to_thread.run_sync(fn, state, *args)
+                    else:
+                        new = fn(state, *args)
+                        if inspect.isawaitable(new):
+                            new = await new
+                except Exception as exc:
+                    await self._failed(key, work, exc)
                 else:
-                    new = fn(state, *args)
-                    if inspect.isawaitable(new):
-                        new = await new
-            except Exception as exc:
-                self._failed(key, work, exc)
-            else:
-                self._states[key] = new
-                for family, k, action in held:
-                    family._dispatch(k, action)
+                    self._states[key] = new
+                    for family, k, action in held:
+                        family._dispatch(k, action)
+            except BaseException as exc:
+                # KeyboardInterrupt, SystemExit, cancellation, or the action's own
+                # BaseException: the agent fails (whatever its mode) rather than
+                # stay busy forever, and the exception goes on
+                with self._lock:
+                    work.error = exc
+                    work.running = False
+                    work.done += 1
+                    wake = self._wake_locked(work)
+                for w in wake:
+                    w.fire()
+                raise
             finally:
                 _held.reset(token)
             with self._lock:
@@ -177,12 +200,24 @@ class AgentFamily(Generic[S]):
         for w in wake:
             w.fire()
 
-    def _failed(self, key: Hashable, work: _Work, exc: Exception) -> None:
+    async def _failed(self, key: Hashable, work: _Work, exc: Exception) -> None:
+        """The action failed: its held sends are dropped; call the handler; apply the error mode.
+
+        As in Clojure, the handler runs before the failure is recorded, and its
+        own sends are not held: they are dispatched at once (a send to this
+        agent itself is queued behind the failed action, so in fail mode it
+        waits for ``restart``).
+        """
         if self.error_handler is not None:
+            token = _held.set(None)
             try:
-                self.error_handler(Agent(self, key), exc)
+                res = self.error_handler(Agent(self, key), exc)
+                if inspect.isawaitable(res):
+                    await res
             except Exception:
                 log.exception("error handler of agent %s failed", self._label(key))
+            finally:
+                _held.reset(token)
         else:
             log.error("action of agent %s failed", self._label(key), exc_info=exc)
         if self.error_mode == "fail":
@@ -267,8 +302,18 @@ class Agent(Generic[S]):
         return self._family._states.get(self.key, self._family.initial)
 
     @property
+    def error_mode(self) -> ErrorMode:
+        """What a failed action does: ``"fail"`` stops the agent, ``"continue"`` goes on."""
+        return self._family.error_mode
+
+    @property
+    def error_handler(self) -> Callable[[Agent[S], BaseException], Any] | None:
+        """Called with ``(agent, exception)`` when an action fails, or None."""
+        return self._family.error_handler
+
+    @property
     def error(self) -> BaseException | None:
-        """The exception that failed this agent (``error_mode="fail"``), else None."""
+        """The exception that stopped this agent (in ``"fail"`` mode, or a ``BaseException`` in either), else None."""
         work = self._family._work.get(self.key)
         return None if work is None else work.error
 

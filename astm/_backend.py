@@ -10,11 +10,17 @@ thread it is scheduled on the waiter's loop with that backend's thread-safe
 call, so the committer never blocks on another loop. (anyio's
 ``from_thread.run_sync`` waits for the result, which a committer must not do.)
 ``fire_all`` wakes many waiters with one thread-safe call per loop.
+
+Firing never raises. A waiter whose event loop has ended (its thread ran
+``asyncio.run`` to completion, or its trio run finished) has nobody left to
+wake, so firing it is a no-op: a committer, or the durable store's writer,
+must never fail because some other thread's loop went away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import threading
 from collections.abc import Callable, Coroutine, Iterable
@@ -41,6 +47,12 @@ def spawn(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(fn(*args), context=contextvars.Context())
         _background.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(_background.discard)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], arg: Any) -> None:
+    """Schedule ``fn(arg)`` on ``loop`` from another thread; nothing if that loop has closed."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: its tasks are gone, nobody to wake
+        loop.call_soon_threadsafe(fn, arg)
 
 
 def _set_future(fut: asyncio.Future[None]) -> None:
@@ -81,14 +93,14 @@ class Waiter:
         self.payload = payload
         loop = self._loop
         if loop is not None:
-            if threading.get_ident() == self._thread:
+            if threading.get_ident() == self._thread and not loop.is_closed():
                 _set_future(self._fut)
             else:
-                loop.call_soon_threadsafe(_set_future, self._fut)
+                _call_soon(loop, _set_future, self._fut)
         elif threading.get_ident() == self._thread:
             self._event.set()
         else:
-            self._token.run_sync_soon(self._event.set)
+            _trio_soon(self._token, self._event.set)
 
     async def wait(self) -> None:
         """Wait until fired; cancellable by the caller's cancel scope (then make a new waiter)."""
@@ -112,4 +124,12 @@ def fire_all(waiters: Iterable[Waiter]) -> None:
             w.fired = True
             foreign.setdefault(loop, []).append(w._fut)
     for loop, futs in foreign.items():
-        loop.call_soon_threadsafe(_set_futures, futs)
+        _call_soon(loop, _set_futures, futs)
+
+
+def _trio_soon(token: Any, fn: Callable[[], None]) -> None:
+    """Run ``fn`` in the trio run of ``token`` from another thread; nothing if that run has finished."""
+    import trio
+
+    with contextlib.suppress(trio.RunFinishedError):
+        token.run_sync_soon(fn)

@@ -9,19 +9,25 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar, overload
 
 from ._errors import HistoryUnavailable
 
 if TYPE_CHECKING:
     from ._ref import Ref
-    from ._store import Store
+    from ._timeline import Timeline
 
 __all__ = ["Change", "Db", "TxReport"]
 
 T = TypeVar("T")
 D = TypeVar("D")
 R = TypeVar("R")
+
+
+class _Host(Protocol):
+    """What a db value needs of its store."""
+
+    _timeline: Timeline
 
 
 class Db:
@@ -33,7 +39,7 @@ class Db:
 
     __slots__ = ("_pinned", "_store", "t")
 
-    def __init__(self, store: Store, t: int, pinned: bool) -> None:
+    def __init__(self, store: _Host, t: int, pinned: bool) -> None:
         self._store = store
         #: the basis: the last commit this value includes
         self.t = t
@@ -42,7 +48,7 @@ class Db:
     def __del__(self) -> None:
         # no lock here: __del__ may run inside a commit; the store drains this queue
         if self._pinned:
-            self._store._unpins.append(self.t)
+            self._store._timeline.unpins.append(self.t)
 
     def _version(self, ref: Ref[T]) -> tuple[int, T]:
         if ref._store is not self._store:
@@ -51,11 +57,10 @@ class Db:
         cur = ref._cur
         if cur[0] <= t:
             return cur
-        from ._tx import version_at
-
-        v = version_at(self._store, ref, t)
+        tl = self._store._timeline
+        v = tl.version_at(ref, t)
         if v is None:
-            raise HistoryUnavailable(t, self._store._oldest, "db value")
+            raise HistoryUnavailable(t, tl.oldest, "db value")
         return v
 
     def __getitem__(self, ref: Ref[T]) -> T:
@@ -110,7 +115,7 @@ class TxReport(Generic[R]):
 
     @classmethod
     def of_commit(
-        cls, store: Store, t: int, result: R, changes: Iterable[tuple[Ref[Any], Any, Any]], when: float, pinned: bool
+        cls, store: _Host, t: int, result: R, changes: Iterable[tuple[Ref[Any], Any, Any]], when: float, pinned: bool
     ) -> TxReport[R]:
         """The report of commit ``t`` (``pinned``: its db values keep their history alive)."""
         return cls(

@@ -4,11 +4,13 @@ The tree::
 
     AstmError
     ├── NotInTransactionError (RuntimeError)   a transactional operation outside a transaction
+    │   └── TransactionEndedError              ... from a task that outlived its transaction's attempt
     ├── IOInTransactionError (RuntimeError)    an @astm.io function called inside one
     ├── AtomInTransactionError (RuntimeError)  atom.swap/reset inside a transaction
     ├── MutableValueError (TypeError)          list/dict/set/bytearray offered as a ref value
     ├── CodecError (TypeError)                 a value the storage codec cannot write or read
-    ├── StorageError (RuntimeError)            the store's file cannot be used (locked, corrupt, newer)
+    ├── StorageError (RuntimeError)            the store cannot be used (locked, corrupt, newer, failed)
+    │   └── CommitOutcomeUnknown               a commit that may or may not have happened
     ├── StoreMismatchError (ValueError)        one transaction touching refs of two stores
     ├── CommuteConflictError (RuntimeError)    set/alter after commute on the same ref
     ├── ValidationError (ValueError)           a validator refused a new value
@@ -33,6 +35,7 @@ __all__ = [
     "AstmError",
     "AtomInTransactionError",
     "CodecError",
+    "CommitOutcomeUnknown",
     "CommuteConflictError",
     "HistoryUnavailable",
     "IOInTransactionError",
@@ -43,6 +46,7 @@ __all__ = [
     "StorageError",
     "StoreMismatchError",
     "SyncTimeout",
+    "TransactionEndedError",
     "ValidationError",
 ]
 
@@ -60,6 +64,23 @@ class NotInTransactionError(AstmError, RuntimeError):
             f"{operation} can only be called inside a transaction; "
             "wrap the change in a function decorated with @astm.transactional "
             "or run it with `await store.atomically(fn)`"
+        )
+
+
+class TransactionEndedError(NotInTransactionError):
+    """Raised when a task uses a transaction whose attempt has already ended (committed, retried or aborted).
+
+    A task spawned inside a body shares the body's transaction; it must finish
+    before the body returns. A write it made later would belong to no commit.
+    """
+
+    def __init__(self, operation: str) -> None:
+        self.operation = operation
+        RuntimeError.__init__(
+            self,
+            f"{operation} was called after its transaction's attempt ended (it committed, retried or "
+            "aborted), so the change would belong to no commit; a task started inside a transaction "
+            "body must finish before the body returns (await it, or use a task group inside the body)",
         )
 
 
@@ -130,11 +151,23 @@ class CodecError(AstmError, TypeError):
 
 
 class StorageError(AstmError, RuntimeError):
-    """Raised when a store's file cannot be opened or written: locked, corrupt, or of another version."""
+    """Raised when a store's storage cannot be opened or written: locked, corrupt, of another version, failed.
+
+    Raised by a commit, it means the commit did not happen (it is safe to run
+    again), except for its subclass :class:`CommitOutcomeUnknown`.
+    """
 
     def __init__(self, path: str, problem: str, fix: str = "") -> None:
         self.path = path
         super().__init__(f"{path}: {problem}" + (f"; {fix}" if fix else ""))
+
+
+class CommitOutcomeUnknown(StorageError):
+    """Raised when a commit may or may not have happened: its write failed or its connection dropped mid-way.
+
+    Running the transaction again could apply it twice. Read the state (after
+    reopening the store, or once the server is back) to find out.
+    """
 
 
 class StoreMismatchError(AstmError, ValueError):

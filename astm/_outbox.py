@@ -2,12 +2,17 @@
 
 Inside a transaction ``effect.enqueue(payload)`` records an entry; the entry
 becomes real only if the transaction commits, at its write point ``t``, with
-the idempotency key ``(t, seq)``. A dispatcher then calls the effect's handler
-``handler(payload, key=(t, seq))``, retrying failures with exponential backoff,
-until it succeeds or runs out of attempts and goes to the dead letters (from
-where it can be requeued). Entries sharing an ``order_key`` are delivered one
-at a time in commit order; a concurrency limit bounds parallel deliveries. The
-dispatcher runs only while entries are pending.
+the idempotency key ``(t, seq)``, and only once the commit is durable. One
+dispatcher, the same on every store, then calls the effect's handler
+``handler(payload, key=(t, seq))``: a failure is retried after an exponential
+backoff with jitter, until the handler succeeds or the entry runs out of
+attempts and becomes a dead letter (from where it can be requeued). Entries
+sharing an ``order_key`` are delivered one at a time in commit order; a
+concurrency limit bounds parallel deliveries.
+
+Where entries wait is the store's :class:`~astm.abc.OutboxStorage` (memory, the
+SQLite file, or PostgreSQL, where any peer may deliver). The dispatcher runs
+only while there is something to deliver, or to poll for on a shared store.
 """
 
 from __future__ import annotations
@@ -16,43 +21,33 @@ import inspect
 import logging
 import random
 import threading
-from collections import deque
+import time
+import warnings
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 
 from ._backend import Waiter, spawn
-from ._errors import NotInTransactionError, StoreClosed
-from ._tx import _current
+from ._errors import StoreClosed
+from ._tx import current_for
+from ._values import check_value
+from .abc import Key, OutboxEntry, OutboxStorage
 
-if TYPE_CHECKING:
-    from ._store import Store
-
-__all__ = ["DeadLetter", "Effect", "Outbox", "OutboxEntry"]
+__all__ = ["DeadLetter", "Effect", "Outbox", "backoff_delay"]
 
 log = logging.getLogger("astm")
 
-Key = tuple[int, int]
 Handler = Callable[..., Awaitable[Any]]
+#: how often drain() looks again when nothing tells it (another peer may deliver)
+_DRAIN_POLL = 0.05
 
 
-class OutboxEntry:
-    """One committed effect awaiting delivery."""
+class _Host(Protocol):
+    """What the outbox needs of its store."""
 
-    __slots__ = ("attempts", "error", "key", "name", "order_key", "payload")
-
-    def __init__(self, key: Key, name: str, payload: Any, order_key: Hashable | None) -> None:
-        self.key = key
-        self.name = name
-        self.payload = payload
-        self.order_key = order_key
-        self.attempts = 0
-        self.error: BaseException | None = None
-
-    def __repr__(self) -> str:
-        return f"<OutboxEntry {self.name!r} key={self.key} attempts={self.attempts}>"
+    _closed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +58,13 @@ class DeadLetter:
     effect: str
     payload: Any
     attempts: int
+    #: the last error: the exception itself in the process that saw it, else a RuntimeError with its text
     error: BaseException
+
+
+def backoff_delay(backoff: float, max_backoff: float, attempts: int) -> float:
+    """Seconds before attempt ``attempts + 1``: exponential from ``backoff``, capped, with jitter (0.5 to 1 times)."""
+    return float(min(max_backoff, backoff * (2.0 ** (attempts - 1))) * random.uniform(0.5, 1.0))
 
 
 class Effect:
@@ -92,15 +93,17 @@ class Effect:
         """Deliver ``payload`` to the handler after the current transaction commits.
 
         Entries with the same ``order_key`` are delivered in commit order, one
-        at a time.
+        at a time. ``payload`` and ``order_key`` must be values a ref could
+        hold (they are stored with the commit).
         """
-        tx = _current.get()
-        if tx is None:
-            raise NotInTransactionError(f"effect {self.name!r}: enqueue()")
-        store = self.outbox.store
-        if store._closed:
+        tx = current_for(f"effect {self.name!r}: enqueue()")
+        host = self.outbox._host
+        if host._closed:
             raise StoreClosed(f"store of effect {self.name!r}")
-        tx.bind_store(store)
+        check_value(payload, self.name, "outbox entry of effect")
+        if order_key is not None:
+            check_value(order_key, self.name, "order key of effect")
+        tx.bind_store(host)  # type: ignore[arg-type]
         if tx.outbox is None:
             tx.outbox = []
         tx.outbox.append((self.name, payload, order_key))
@@ -114,23 +117,25 @@ class Effect:
 
 
 class Outbox:
-    """A store's outbox: its effects, pending entries, dead letters and dispatcher."""
+    """A store's outbox: its effects and the one dispatcher that delivers their entries."""
 
-    def __init__(self, store: Store, concurrency: int = 16) -> None:
+    def __init__(self, host: _Host, storage: OutboxStorage, concurrency: int = 16) -> None:
         if not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"outbox concurrency must be a positive int, got {concurrency!r}")
-        self.store = store
+        self._host = host
+        self._storage = storage
         self.concurrency = concurrency
         self._effects: dict[str, Effect] = {}
-        self._ready: deque[OutboxEntry] = deque()
-        #: order keys with an entry in flight or ready; the deque holds the ones after it
-        self._ordered: dict[Hashable, deque[OutboxEntry]] = {}
-        self._dead: dict[Key, tuple[OutboxEntry, DeadLetter]] = {}
-        self._pending = 0
-        self._delivered = 0
-        self._workers = 0
-        self._idle: list[Waiter] = []
         self._lock = threading.Lock()
+        self._delivered = 0
+        self._inflight = 0
+        #: the dispatcher is running (or starting)
+        self._running = False
+        #: something changed since the dispatcher last looked
+        self._kicked = False
+        self._sleeper: Waiter | None = None
+        self._finished: list[Waiter] = []
+        self._stopping = False
 
     def effect(
         self,
@@ -141,8 +146,8 @@ class Outbox:
         max_backoff: float = 30.0,
     ) -> Callable[[Handler], Effect]:
         """Register ``async def handler(payload, *, key)`` as the effect called ``name``."""
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"an effect name must be a non-empty str, got {name!r}")
+        if not isinstance(name, str) or not name or not name.isprintable():
+            raise TypeError(f"an effect name must be a non-empty printable str, got {name!r}")
         if not isinstance(max_attempts, int) or max_attempts < 1:
             raise ValueError(f"max_attempts must be a positive int, got {max_attempts!r}")
         if backoff < 0 or max_backoff < 0:
@@ -159,189 +164,171 @@ class Outbox:
 
         return register
 
-    # -- called by the engine ----------------------------------------------------
+    # -- the engine's side -------------------------------------------------------------
 
-    def add_committed(self, t: int, entries: list[tuple[str, Any, Hashable | None]]) -> None:
-        """Take a committed transaction's entries (``t`` is its write point)."""
+    def committed(self, t: int, entries: list[tuple[str, Any, Hashable | None]]) -> None:
+        """A durable commit's entries (called by the engine, in the committing task)."""
+        self._storage.committed(t, entries)
+        self.kick()
+
+    def kick(self) -> None:
+        """Have the dispatcher look again; start it if it is not running (needs a running event loop)."""
         with self._lock:
-            for seq, (name, payload, order_key) in enumerate(entries):
-                self._admit_locked(OutboxEntry((t, seq), name, payload, order_key))
-            hire = self._hire_locked()
-        self._hire(hire)
-
-    def _admit_locked(self, entry: OutboxEntry) -> None:
-        self._pending += 1
-        ok = entry.order_key
-        if ok is not None:
-            waiting = self._ordered.get(ok)
-            if waiting is not None:
-                waiting.append(entry)
+            if self._stopping:
                 return
-            self._ordered[ok] = deque()
-        self._ready.append(entry)
+            self._kicked = True
+            sleeper = self._sleeper
+            start = not self._running
+            if start:
+                self._running = True
+        if sleeper is not None:
+            sleeper.fire()
+        if start:
+            spawn(self._dispatch)
 
-    def recover(self, entries: list[tuple[Key, str, Any, Hashable | None, int, str | None]]) -> None:
-        """Take the entries a durable store found on open (dead ones have an error)."""
+    def stop(self) -> None:
+        """Stop dispatching (the store is closing); deliveries in flight finish."""
         with self._lock:
-            for key, name, payload, order_key, attempts, error in entries:
-                entry = OutboxEntry(key, name, payload, order_key)
-                entry.attempts = attempts
-                if error is not None:
-                    entry.error = RuntimeError(error)
-                    self._dead[key] = (entry, DeadLetter(key, name, payload, attempts, entry.error))
-                else:
-                    self._admit_locked(entry)
+            self._stopping = True
+            sleeper = self._sleeper
+        if sleeper is not None:
+            sleeper.fire()
 
-    def resume(self) -> None:
-        """Start delivering recovered entries (needs a running event loop)."""
-        with self._lock:
-            hire = self._hire_locked()
-        self._hire(hire)
+    # -- the dispatcher ------------------------------------------------------------------
 
-    # -- the dispatcher ------------------------------------------------------------
-
-    def _hire_locked(self) -> int:
-        """How many more workers the ready entries need (call under the lock)."""
-        n = min(self.concurrency - self._workers, len(self._ready))
-        self._workers += n
-        return n
-
-    def _hire(self, n: int) -> None:
-        for _ in range(n):
-            spawn(self._work)
-
-    async def _work(self) -> None:
-        """One of at most ``concurrency`` workers: deliver ready entries until there are none."""
-        while True:
-            with self._lock:
-                if not self._ready:
-                    self._workers -= 1
-                    return
-                entry = self._ready.popleft()
-            try:
-                await self._deliver(entry)
-            except BaseException:
+    async def _dispatch(self) -> None:
+        """Claim due entries and start their deliveries, within the concurrency limit, while there is work."""
+        storage = self._storage
+        try:
+            while True:
                 with self._lock:
-                    self._workers -= 1
-                raise
+                    self._kicked = False
+                    free = self.concurrency - self._inflight
+                    if self._stopping:
+                        return
+                entries = await storage.claim(free, self._effects.keys()) if free > 0 and self._effects else []
+                if entries:
+                    with self._lock:
+                        self._inflight += len(entries)
+                    for entry in entries:
+                        spawn(self._deliver, entry)
+                    continue
+                due = storage.next_due()
+                w = Waiter()
+                with self._lock:
+                    if self._kicked or self._stopping:
+                        continue
+                    if due is None and self._inflight == 0:
+                        self._running = False  # nothing to wait for: a commit or requeue kicks a new one
+                        return
+                    self._sleeper = w
+                timeout = None if due is None else max(0.0, due - time.monotonic())
+                with anyio.move_on_after(timeout):
+                    await w.wait()
+                with self._lock:
+                    self._sleeper = None
+        finally:
+            with self._lock:
+                self._running = False
+                self._sleeper = None
 
     async def _deliver(self, entry: OutboxEntry) -> None:
+        storage = self._storage
+        eff = self._effects[entry.effect]
         try:
-            eff = self._effects.get(entry.name)
-            while True:
-                if eff is None:
-                    entry.error = LookupError(f"no effect called {entry.name!r} is registered on this store")
-                    self._to_dead(entry, entry.attempts)
-                    return
-                entry.attempts += 1
-                try:
-                    await eff.handler(entry.payload, key=entry.key)
-                except Exception as exc:
-                    entry.error = exc
-                    if entry.attempts >= eff.max_attempts:
-                        log.error("effect %r gave up on %s after %d attempts", entry.name, entry.key, entry.attempts)
-                        self._to_dead(entry, entry.attempts)
-                        return
-                    delay = min(eff.max_backoff, eff.backoff * (2 ** (entry.attempts - 1)))
-                    await anyio.sleep(delay * random.uniform(0.5, 1.0))
+            try:
+                await eff.handler(entry.payload, key=entry.key)
+            except Exception as exc:
+                entry.exc = exc
+                if entry.attempts >= eff.max_attempts:
+                    log.warning(
+                        "effect %r gave up on %s after %d attempts: %r", entry.effect, entry.key, entry.attempts, exc
+                    )
+                    await storage.dead(entry, repr(exc))
                 else:
-                    with self._lock:
-                        self._delivered += 1
-                    backend = self.store._backend
-                    if backend is not None:
-                        backend.outbox_done(entry.key)
-                    return
+                    await storage.retry(entry, repr(exc), backoff_delay(eff.backoff, eff.max_backoff, entry.attempts))
+            else:
+                await storage.done(entry)
+                with self._lock:
+                    self._delivered += 1
+        except BaseException:
+            with anyio.CancelScope(shield=True):  # cancelled mid-delivery (the loop is ending): hand it back
+                await storage.retry(entry, "the delivery was cancelled", 0.0)
+            raise
         finally:
-            self._finished(entry)
+            with self._lock:
+                self._inflight -= 1
+                finished, self._finished = self._finished, []
+            for w in finished:
+                w.fire()
+            self.kick()
 
-    def _to_dead(self, entry: OutboxEntry, attempts: int) -> None:
-        assert entry.error is not None
-        backend = self.store._backend
-        if backend is not None:
-            backend.outbox_dead(entry.key, attempts, repr(entry.error))
-        with self._lock:
-            self._dead[entry.key] = (
-                entry,
-                DeadLetter(entry.key, entry.name, entry.payload, attempts, entry.error),
-            )
+    # -- public ----------------------------------------------------------------------------
 
-    def _finished(self, entry: OutboxEntry) -> None:
-        """Release the entry's order key to the next entry, and wake drainers when idle."""
-        wake: list[Waiter] = []
-        with self._lock:
-            self._pending -= 1
-            ok = entry.order_key
-            if ok is not None:
-                waiting = self._ordered[ok]
-                if waiting:
-                    self._ready.append(waiting.popleft())
-                else:
-                    del self._ordered[ok]
-            if self._pending == 0:
-                wake, self._idle = self._idle, []
-        for w in wake:
-            w.fire()
+    async def dead_letters(self) -> list[DeadLetter]:
+        """The entries that failed every attempt, oldest first (on every store)."""
+        return [
+            DeadLetter(e.key, e.effect, e.payload, e.attempts, e.exc or RuntimeError(e.error))
+            for e in await self._storage.dead_letters()
+        ]
 
-    # -- public ------------------------------------------------------------------
+    async def requeue_letters(self, key: Key | None = None) -> int:
+        """Put one dead letter (by key) or all of them back for delivery; returns how many (on every store)."""
+        n = await self._storage.requeue(key)
+        if n:
+            self.kick()
+        return n
 
-    def dead(self) -> list[DeadLetter]:
-        """The entries that failed every attempt, oldest first."""
-        with self._lock:
-            return [d for _, d in sorted(self._dead.values(), key=lambda ed: ed[0].key)]
-
-    def requeue(self, key: Key | None = None) -> int:
-        """Put one dead letter (by key) or all of them back for delivery; returns how many."""
-        with self._lock:
-            keys = sorted(self._dead) if key is None else [key]
-            if key is not None and key not in self._dead:
-                raise KeyError(f"no dead letter with key {key!r}")
-            backend = self.store._backend
-            for k in keys:
-                entry, _ = self._dead.pop(k)
-                entry.attempts = 0
-                entry.error = None
-                self._admit_locked(entry)
-                if backend is not None:
-                    backend.outbox_requeued(k)
-            hire = self._hire_locked()
-        self._hire(hire)
-        return len(keys)
-
-    @property
-    def pending(self) -> int:
-        """Entries committed but not yet delivered or dead-lettered."""
-        return self._pending
+    async def pending_count(self) -> int:
+        """Entries committed and neither delivered nor dead (on PostgreSQL: of every peer)."""
+        return await self._storage.pending()
 
     @property
     def delivered(self) -> int:
-        """Entries delivered since the store opened."""
+        """Entries this process delivered since the store opened."""
         return self._delivered
 
-    async def dead_letters(self) -> list[DeadLetter]:
-        """``dead()`` for every store, the PostgreSQL store included (where entries live in the database)."""
-        remote = self.store._remote
-        if remote is None:
-            return self.dead()
-        return [DeadLetter(k, e, p, a, RuntimeError(err)) for k, e, p, a, err in await remote.dead()]
-
-    async def requeue_letters(self, key: Key | None = None) -> int:
-        """``requeue()`` for every store, the PostgreSQL store included."""
-        remote = self.store._remote
-        if remote is None:
-            return self.requeue(key)
-        return await remote.requeue(key)
-
     async def drain(self) -> None:
-        """Wait until no entry is pending (delivered or dead-lettered).
+        """Wait until no entry is pending (delivered or dead-lettered); on PostgreSQL, of any peer.
 
-        On the PostgreSQL store: until no entry of any peer is pending.
+        Entries of an effect that is not registered on this store stay pending
+        (a durable store keeps them for a process that registers it), so drain
+        waits only while entries of registered effects are pending.
         """
-        if self.store._remote is not None:
-            await self.store._remote.drain()
-            return
-        with self._lock:
-            if self._pending == 0:
-                return
+        storage = self._storage
+        while await storage.pending(self._effects.keys()):
             w = Waiter()
-            self._idle.append(w)
-        await w.wait()
+            with self._lock:
+                self._finished.append(w)
+            with anyio.move_on_after(_DRAIN_POLL):
+                await w.wait()
+
+    # -- the old synchronous API (local stores) ---------------------------------------------
+
+    def dead(self) -> list[DeadLetter]:
+        """Deprecated: use ``await outbox.dead_letters()``, which works on every store."""
+        warnings.warn("outbox.dead() is deprecated; use `await outbox.dead_letters()`", DeprecationWarning, 2)
+        return [
+            DeadLetter(e.key, e.effect, e.payload, e.attempts, e.exc or RuntimeError(e.error))
+            for e in self._local().dead_now()
+        ]
+
+    def requeue(self, key: Key | None = None) -> int:
+        """Deprecated: use ``await outbox.requeue_letters(key)``, which works on every store."""
+        warnings.warn("outbox.requeue() is deprecated; use `await outbox.requeue_letters()`", DeprecationWarning, 2)
+        n = len(self._local().requeue_now(key))
+        if n:
+            self.kick()
+        return n
+
+    @property
+    def pending(self) -> int:
+        """Deprecated: use ``await outbox.pending_count()``, which works on every store."""
+        warnings.warn("outbox.pending is deprecated; use `await outbox.pending_count()`", DeprecationWarning, 2)
+        return int(self._local().pending_now())
+
+    def _local(self) -> Any:
+        storage: Any = self._storage
+        if not hasattr(storage, "pending_now"):
+            raise TypeError("this store keeps its outbox in a database: use the async outbox API")
+        return storage

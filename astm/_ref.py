@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._backend import Waiter
 from ._errors import NotInTransactionError
-from ._tx import _NO, Transaction, _current
-from ._values import _IMMUTABLE_FAST, check_value
+from ._tx import _NO, Claimant, _current, checked
+from ._values import _IMMUTABLE_FAST
 
 if TYPE_CHECKING:
     from ._store import Store
@@ -69,13 +69,13 @@ class Ref(Generic[T]):
         self._validator = validator
         self._watches: dict[Any, Watch] | None = None
         self._waiters: set[Waiter] | None = None
-        self._claim: Transaction | None = None
+        self._claim: Claimant | None = None
         #: contenders waiting for the claim: [transaction, waiter] pairs, FIFO
         self._queue: deque[list[Any]] | None = None
         self._heat = 0
         self._conflicts = 0
         self._ord = ordinal
-        #: the newest value encoded for storage (durable stores only)
+        #: the newest value encoded for storage (durable stores only; kept by the commit)
         self._enc = ""
 
     @property
@@ -138,7 +138,7 @@ class Ref(Generic[T]):
             return tx.alter(self, fn, args)  # type: ignore[no-any-return]
         nv = fn(v, *args)
         if type(nv) not in _IMMUTABLE_FAST:
-            check_value(nv, self.name)
+            checked(fn, args, nv, self.name)
         vals[self] = nv
         return nv
 

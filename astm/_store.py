@@ -1,14 +1,16 @@
-"""The store: a named set of refs and atoms, and their timeline of commits."""
+"""The store: a named set of refs and atoms, and their timeline of commits.
+
+A store is assembled from parts with one job each (``docs/design.md``): a
+:class:`~astm._timeline.Timeline` (versions, history, pins), a committer
+(``astm._commit``), a log storage and an outbox storage (``astm.abc``), and the
+outbox dispatcher. The URL picks the storage; everything else is the same on
+every store.
+"""
 
 from __future__ import annotations
 
-import math
-import threading
-import time
-from collections import deque
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
-from heapq import heappush
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -18,27 +20,24 @@ import anyio.to_thread
 from . import codec
 from ._agent import Agent, AgentFamily, ErrorMode
 from ._atom import Atom
-from ._backend import Waiter
+from ._commit import LocalCommitter, validate_value
 from ._db import Db, TxReport
-from ._errors import HistoryUnavailable, StoreClosed, SyncTimeout
+from ._errors import HistoryUnavailable, StorageError, StoreClosed, SyncTimeout
 from ._outbox import Effect, Handler, Outbox
 from ._ref import Ref
-from ._tx import _validate_value, decay_history, pin_floor, run_transaction
+from ._timeline import LogEntry, Timeline
+from ._tx import run_transaction
 from ._values import check_value
-from .abc import Storage
+from .abc import LogStorage, OutboxStorage
 
 if TYPE_CHECKING:
+    from ._commit import Committer
     from .stores.postgres import PostgresStorage
 
 __all__ = ["Stats", "Store"]
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-#: a log entry: (t, wall-clock time, [(ref, old, new), ...])
-LogEntry = tuple[int, float, list[tuple[Ref[Any], Any, Any]]]
-
-_SWEEP_EVERY = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +73,8 @@ class Store:
     this process's memory; ``"sqlite:///path/state.db"`` is the durable
     embedded store, where a transaction is acknowledged only once its commit is
     on disk (``durability="async"`` acknowledges at once and flushes moments
-    later: a crash may lose the last commits).
+    later: a crash may lose the last commits); ``"postgresql://..."`` shares
+    one state between processes (open it with ``async with store``).
 
     On the in-memory store, outbox entries not yet delivered when the process
     ends are lost; the durable stores keep them.
@@ -98,33 +98,19 @@ class Store:
             raise ValueError(f"history_seconds must be >= 0 or None, got {history_seconds!r}")
         if not isinstance(retry_limit, int) or retry_limit < 1:
             raise ValueError(f"retry_limit must be a positive int, got {retry_limit!r}")
+        if not isinstance(outbox_concurrency, int) or outbox_concurrency < 1:
+            raise ValueError(f"outbox concurrency must be a positive int, got {outbox_concurrency!r}")
         self.url = url or "memory://"
         self._durability = durability
-        self._backend: Storage | None = None
-        #: the PostgreSQL peer backend (commits are validated remotely)
-        self._remote: PostgresStorage | None = None
-        self._lock = threading.Lock()
-        self._t = 0
+        self._timeline = Timeline(history, history_seconds)
+        #: the timeline's lock: every commit, claim and ref creation of this store
+        self._lock = self._timeline.lock
         self._refs: dict[str, Ref[Any]] = {}
         self._atoms: dict[str, Atom[Any]] = {}
         self._agents: dict[str, AgentFamily[Any]] = {}
-        #: the outbox: effects, pending entries, dead letters
-        self.outbox = Outbox(self, outbox_concurrency)
         self._closed = False
         #: aclose() has run (it runs once)
         self._shut = False
-        self._history = history
-        self._history_seconds = history_seconds
-        self._time_floor = 0 if history_seconds is not None else math.inf
-        self._oldest = 0
-        self._pins: dict[int, int] = {}
-        self._pin_heap: list[int] = []
-        self._unpins: deque[int] = deque()
-        self._log: deque[LogEntry] = deque()
-        self._trim_len = history + max(1, history // 8)
-        self._versioned: set[Ref[Any]] = set()
-        self._last_sweep = (0, time.time())
-        self._tick: list[Waiter] = []
         self._nclaims = 0
         self._retry_limit = retry_limit
         self._commits = 0
@@ -132,39 +118,103 @@ class Store:
         self._retries = 0
         self._faults = 0
         self._blocked = 0
-        if url not in (None, "memory:", "memory://"):
-            self._open_backend(url)
+        #: the PostgreSQL peer, which opens asynchronously
+        self._peer: PostgresStorage | None = None
+        log, outbox = self._open_storage(self.url)
+        self._log: LogStorage = log
+        if self._peer is None:
+            self._committer: Committer = LocalCommitter(self._timeline, log, self)
+        #: the outbox: effects and their dispatcher
+        self.outbox = Outbox(self, outbox, outbox_concurrency)
 
-    def _open_backend(self, url: str) -> None:
+    def _open_storage(self, url: str) -> tuple[LogStorage, OutboxStorage]:
+        if url in ("memory:", "memory://"):
+            from .stores.memory import MemoryLog, MemoryOutbox
+
+            return MemoryLog(), MemoryOutbox()
         if url.startswith(("postgresql://", "postgres://")):
             from .stores.postgres import PostgresStorage
 
-            self._remote = PostgresStorage(url, self)
-            return
+            peer = self._peer = PostgresStorage(url, self._timeline, self)
+            self._committer = peer.committer
+            return peer.log, peer.outbox
         if url.startswith("sqlite:///"):
             from .stores.sqlite import SqliteStorage
 
-            backend = SqliteStorage(
-                url[len("sqlite:///") :], history=self._history, history_seconds=self._history_seconds
+            storage = SqliteStorage(
+                url[len("sqlite:///") :],
+                history=self._timeline.history,
+                history_seconds=self._timeline.history_seconds,
             )
-        else:
-            raise ValueError(f"unsupported store URL {url!r}: use Store() for memory or 'sqlite:///path/state.db'")
-        rec = backend.recover()
-        self._backend = backend
-        self._t = rec.t
-        for name, t, value, enc in rec.refs:
-            r = Ref(self, name, value, None, len(self._refs))
-            r._cur = (t, value)
+            try:
+                self._recover(storage)
+            except BaseException:
+                storage.close()
+                raise
+            return storage, storage.outbox
+        raise ValueError(
+            f"unsupported store URL {url!r}: use Store() for memory, 'sqlite:///path/state.db' or 'postgresql://...'"
+        )
+
+    def _recover(self, storage: LogStorage) -> None:
+        """Install what a log storage found: its checkpoint, its history, then its later commits, in order."""
+        rec = storage.recover()
+        where = getattr(storage, "path", self.url)
+        with self._lock:
+            self._install(rec.checkpoint_t, rec.refs, [row for row in rec.log if row[0] <= rec.checkpoint_t], where)
+            for t, when, changes in rec.log:
+                if t > rec.checkpoint_t:
+                    self._apply_logged(t, when, changes, where)
+
+    def _install(
+        self,
+        t: int,
+        refs: list[tuple[str, int, Any, str]],
+        history: list[tuple[int, float, list[tuple[str, Any, Any, str]]]],
+        where: str,
+    ) -> None:
+        """Open at basis ``t``: every ref's version as of ``t``, and the log up to ``t`` as history (under the lock)."""
+        for name, rt, value, enc in refs:
+            r: Ref[Any] = self._refs.get(name) or self._new_ref(name, value)
+            r._cur = (rt, value)
             r._enc = enc
-            self._refs[name] = r
-        for t, when, changes in rec.log:
-            self._log.append((t, when, [(self._refs[n], old, new) for n, old, new in changes]))
-        if self._log:
-            self._oldest = self._log[0][0] - 1
-        else:
-            self._oldest = self._t
-        self._trim_len = len(self._log) + max(1, self._history // 8)
-        self.outbox.recover(rec.outbox)
+        entries: list[LogEntry] = []
+        for et, when, changes in history:
+            entry = []
+            for name, old, new, _ in changes:
+                known = self._refs.get(name)
+                if known is None:
+                    raise StorageError(
+                        where, f"the stored log is damaged (t={et} names ref {name!r}, which is not stored)",
+                        "restore it from a backup",
+                    )  # fmt: skip
+                entry.append((known, old, new))
+            entries.append((et, when, entry))
+        self._timeline.restore(t, entries)
+
+    def _apply_logged(
+        self, t: int, when: float, changes: list[tuple[str, Any, Any, str]], where: str
+    ) -> tuple[list[tuple[Ref[Any], Any, Any]], list[Any] | None, bool]:
+        """Apply commit ``t`` read from a log: recovery replaying a file, or a peer following the shared log.
+
+        The same ``Timeline.apply`` as a local commit (under the lock). A ref
+        first committed elsewhere is created with the value it had before.
+        """
+        tl = self._timeline
+        if t != tl.t + 1:
+            raise StorageError(where, f"the stored log jumps from t={tl.t} to t={t}", "restore it from a backup")
+        writes = []
+        for name, old, new, enc in changes:
+            r = self._refs.get(name) or self._new_ref(name, old)
+            r._enc = enc
+            writes.append((r, new))
+        return tl.apply(t, when, writes)
+
+    def _new_ref(self, name: str, value: Any) -> Ref[Any]:
+        """Make and register a ref (under the lock); its creation is not a commit."""
+        r = Ref(self, name, value, None, len(self._refs))
+        self._refs[name] = r
+        return r
 
     # -- identities ----------------------------------------------------------
 
@@ -175,8 +225,7 @@ class Store:
         existing ref replaces its validator (validators are code, not state) and
         must accept the current value.
         """
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"a ref name must be a non-empty str, got {name!r}")
+        _check_name(name, "a ref")
         with self._lock:
             r = self._refs.get(name)
             if r is None:
@@ -184,22 +233,20 @@ class Store:
                     raise ValueError(f"{name!r} already names an atom in this store; pick another name")
                 check_value(initial, name)
                 if validator is not None:
-                    _validate_value(name, validator, initial)
-                durable = self._backend is not None or self._remote is not None
-                enc = codec.dumps(initial, f"ref {name!r}") if durable else ""
-                r = Ref(self, name, initial, validator, len(self._refs))
+                    validate_value(name, validator, initial)
+                enc = codec.dumps(initial, f"ref {name!r}") if self._log.encodes else ""
+                r = self._new_ref(name, initial)
+                r._validator = validator
                 r._enc = enc
-                self._refs[name] = r
                 return r
         if validator is not None and validator is not r._validator:
-            _validate_value(name, validator, r._cur[1])
+            validate_value(name, validator, r._cur[1])
             r._validator = validator
         return r
 
     def atom(self, name: str, initial: T, validator: Callable[[T], bool] | None = None) -> Atom[T]:
         """Get the atom called ``name``, creating it with ``initial`` if it is new."""
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"an atom name must be a non-empty str, got {name!r}")
+        _check_name(name, "an atom")
         with self._lock:
             a = self._atoms.get(name)
             if a is None:
@@ -212,7 +259,7 @@ class Store:
         self,
         name: str,
         state: T,
-        error_mode: ErrorMode = "fail",
+        error_mode: ErrorMode | None = None,
         error_handler: Callable[[Agent[T], BaseException], Any] | None = None,
     ) -> Agent[T]:
         """Get the agent called ``name``, creating it with ``state`` if it is new."""
@@ -222,7 +269,7 @@ class Store:
         self,
         name: str,
         initial: T,
-        error_mode: ErrorMode = "fail",
+        error_mode: ErrorMode | None = None,
         error_handler: Callable[[Agent[T], BaseException], Any] | None = None,
     ) -> AgentFamily[T]:
         """A family of agents: ``family[key]`` is the agent of that identity, created on first use.
@@ -235,12 +282,11 @@ class Store:
         self,
         name: str,
         initial: T,
-        error_mode: ErrorMode,
+        error_mode: ErrorMode | None,
         error_handler: Callable[[Agent[T], BaseException], Any] | None,
         kind: str,
     ) -> AgentFamily[T]:
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"an agent name must be a non-empty str, got {name!r}")
+        _check_name(name, "an agent")
         with self._lock:
             fam = self._agents.get(name)
             if fam is None:
@@ -291,49 +337,52 @@ class Store:
     @property
     def t(self) -> int:
         """The basis t: the newest commit visible in this store."""
-        return self._t
+        return self._timeline.t
 
     def db(self) -> Db:
         """The immutable value of the store now."""
-        with self._lock:
-            t = self._t
-            self._pin(t)
+        tl = self._timeline
+        with tl.lock:
+            t = tl.t
+            tl.pin(t)
         return Db(self, t, True)
 
     def as_of(self, t: int) -> Db:
         """The value of the store at an earlier ``t``, while history retention covers it."""
         if not isinstance(t, int) or isinstance(t, bool):
             raise TypeError(f"as_of(t): t must be an int, got {t!r}")
-        with self._lock:
-            if t > self._t:
+        tl = self._timeline
+        with tl.lock:
+            if t > tl.t:
                 raise ValueError(
-                    f"as_of({t}): t is ahead of this store (t={self._t}); use `await store.sync(t)` to wait for it"
+                    f"as_of({t}): t is ahead of this store (t={tl.t}); use `await store.sync(t)` to wait for it"
                 )
-            if t < self._oldest:
-                raise HistoryUnavailable(t, self._oldest)
-            self._pin(t)
+            if t < tl.oldest:
+                raise HistoryUnavailable(t, tl.oldest)
+            tl.pin(t)
         return Db(self, t, True)
 
     async def sync(self, t: int, timeout: float | None = None) -> Db:
         """A db value whose basis includes ``t``, waiting while this store is behind it."""
         if not isinstance(t, int) or isinstance(t, bool):
             raise TypeError(f"sync(t): t must be an int, got {t!r}")
+        tl = self._timeline
         try:
             with anyio.fail_after(timeout):
                 while True:
-                    w = Waiter()
-                    with self._lock:
-                        if self._t >= t:
-                            now = self._t
-                            self._pin(now)
+                    with tl.lock:
+                        now = tl.t
+                        if now >= t:
+                            tl.pin(now)
                             return Db(self, now, True)
                         if self._closed:
                             raise StoreClosed()
-                        self._tick.append(w)
-                    await w.wait()
+                    if self._peer is not None:
+                        await self._peer.ask_for(t)
+                    await tl.wait_for_commit(now)
         except TimeoutError:
             assert timeout is not None
-            raise SyncTimeout(t, self._t, timeout) from None
+            raise SyncTimeout(t, tl.t, timeout) from None
 
     async def reports(self, since: int | None = None) -> AsyncGenerator[TxReport[None], None]:
         """Yield one :class:`TxReport` per commit after ``since`` (default: from now on), in order.
@@ -345,89 +394,26 @@ class Store:
         stuck consumer must not hold memory), so keep what you need from them
         while you handle the report. Reports carry no ``result``.
         """
-        pos = self._t if since is None else since
+        tl = self._timeline
+        pos = tl.t if since is None else since
         if not isinstance(pos, int) or isinstance(pos, bool) or pos < 0:
             raise TypeError(f"reports(since): since must be a non-negative int, got {since!r}")
         while True:
-            w = None
-            with self._lock:
-                if pos < self._t:
-                    log = self._log
-                    first = log[0][0] if log else self._t + 1
-                    if pos + 1 < first:
-                        raise HistoryUnavailable(pos, first - 1, "reports(since)")
-                    t, when, changes = log[pos + 1 - first]
-                elif self._closed:
+            with tl.lock:
+                now = tl.t
+                entry = tl.entry(pos + 1) if pos < now else None
+                if pos < now and entry is None:
+                    raise HistoryUnavailable(pos, tl.first_retained() - 1, "reports(since)")
+                closed = self._closed
+            if entry is None:
+                if closed:
                     return
-                else:
-                    w = Waiter()
-                    self._tick.append(w)
-            if w is not None:
-                await w.wait()
+                await tl.wait_for_commit(now)
                 continue
+            t, when, changes = entry
             pos = t
             yield TxReport.of_commit(self, t, None, changes, when, pinned=False)
-            del changes
-
-    # -- internal: history -------------------------------------------------------
-
-    def _pin(self, t: int) -> None:
-        """Keep the versions db values at ``t`` need (call under the lock)."""
-        pins = self._pins
-        c = pins.get(t)
-        if c:
-            pins[t] = c + 1
-        else:
-            pins[t] = 1
-            heappush(self._pin_heap, t)
-
-    def _trim(self, t: int) -> None:
-        """Drop log entries neither retention nor a pin needs (under the lock; never raises).
-
-        The log is the store's history: it keeps every superseded value, so
-        ``as_of``, db values and ``reports`` read the past from it. Commits call
-        this once the log reaches ``_trim_len`` entries, so the bookkeeping is
-        paid once per batch rather than on every commit.
-        """
-        log = self._log
-        now = log[-1][1] if log else time.time()
-        if t - self._last_sweep[0] >= _SWEEP_EVERY or (
-            self._history_seconds is not None and now - self._last_sweep[1] >= 1.0
-        ):
-            self._sweep(t, now)
-        floor = t - self._history
-        if self._time_floor < floor:
-            floor = int(self._time_floor)
-        if self._unpins:
-            pins = self._pins
-            unpins = self._unpins
-            while unpins:
-                p = unpins.popleft()
-                c = pins[p] - 1
-                if c:
-                    pins[p] = c
-                else:
-                    del pins[p]
-        if self._pin_heap:
-            oldest_pin = pin_floor(self._pins, self._pin_heap)
-            if oldest_pin is not None and oldest_pin < floor:
-                floor = oldest_pin
-        # entry t holds the values visible at t - 1: as_of(floor) needs the entries after floor
-        while log and log[0][0] <= floor:
-            log.popleft()
-        if floor > self._oldest:
-            self._oldest = floor
-        # trim again after about an eighth of the retention window more commits
-        self._trim_len = len(log) + max(1, self._history // 8)
-
-    def _sweep(self, t: int, now: float) -> None:
-        """Move the time-retention floor; shrink the history rings nobody faulted on."""
-        self._last_sweep = (t, now)
-        if self._history_seconds is not None:
-            cutoff = now - self._history_seconds
-            self._time_floor = next((e[0] - 1 for e in self._log if e[1] >= cutoff), t)
-        done = [r for r in self._versioned if decay_history(r)]
-        self._versioned.difference_update(done)
+            del changes, entry
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -438,25 +424,26 @@ class Store:
                 ((r.name, r._conflicts) for r in self._refs.values() if r._conflicts),
                 key=lambda kv: -kv[1],
             )[:10]
-            return Stats(
-                self._commits,
-                self._attempts,
-                self._retries,
-                self._faults,
-                self._blocked,
-                tuple(hot),
-            )
+            return Stats(self._commits, self._attempts, self._retries, self._faults, self._blocked, tuple(hot))
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    async def open(self) -> Store:
+        """Open the store for use (``async with store`` does this): connect, resume outbox deliveries."""
+        if self._peer is not None:
+            await self._peer.open()
+        self.outbox.kick()
+        return self
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Close the store: refuse new work, drain agents and the outbox, wake every waiter.
 
         After this, transactions, sends and enqueues raise ``StoreClosed``.
         Actions already queued and entries already committed are still
-        delivered, within ``timeout`` seconds if given.
+        delivered, within ``timeout`` seconds if given (a PostgreSQL peer
+        leaves pending entries to the other peers).
         """
         with self._lock:
             if self._shut:
@@ -466,22 +453,17 @@ class Store:
         with anyio.move_on_after(timeout):
             for fam in list(self._agents.values()):
                 await fam._drained()
-            if self._remote is None:  # a peer leaves pending entries to the other peers
+            if self._peer is None:
                 await self.outbox.drain()
-        with self._lock:
-            tick, self._tick = self._tick, []
-        for w in tick:
-            w.fire()
-        if self._backend is not None:
-            await anyio.to_thread.run_sync(self._backend.close)
-        if self._remote is not None:
-            await self._remote.close()
+        self.outbox.stop()
+        self._timeline.wake_all()
+        if self._peer is not None:
+            await self._peer.close()
+        else:
+            await anyio.to_thread.run_sync(self._log.close)
 
     async def __aenter__(self) -> Store:
-        if self._remote is not None:
-            await self._remote.open()
-        self.outbox.resume()
-        return self
+        return await self.open()
 
     async def __aexit__(
         self,
@@ -492,4 +474,14 @@ class Store:
         await self.aclose()
 
     def __repr__(self) -> str:
-        return f"<astm.Store {self.url} t={self._t} refs={len(self._refs)}>"
+        return f"<astm.Store {self.url} t={self._timeline.t} refs={len(self._refs)}>"
+
+
+def _check_name(name: object, kind: str) -> None:
+    """Refuse a name storage could not keep: not a str, empty, or not valid Unicode text."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{kind} name must be a non-empty str, got {name!r}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{kind} name must be valid Unicode text (it holds a lone surrogate): {name!r}") from None

@@ -1,22 +1,26 @@
-"""The transaction engine: read point, in-transaction values, commit, retry.
+"""The transaction engine: read point, in-transaction values, the runner, contention.
 
 A transaction reads a consistent snapshot at its *read point* ``rp`` (a basis
 ``t`` of its store) and commits all its writes at one *write point* ``t + 1``.
+Each run of the body is an *attempt*, one :class:`Transaction` object; the
+context variable names the current attempt, so a task spawned inside a body
+that outlives its attempt finds it sealed and cannot write into a commit it
+does not belong to.
 
 Reads. ``ref._cur`` is the newest committed ``(t, value)``. A read of a ref
 newer than ``rp`` first tries to *extend* the read point to the store's current
 ``t``: allowed when nothing this attempt already read has changed since ``rp``,
 because the old and new snapshots then agree on everything it has seen. When
 extension fails, a checked read is doomed (it would fail validation at commit),
-so the attempt retries at once; an unchecked ``peek`` reads the old version from
-the ref's history. The attempt never observes a state that no single commit
+so the attempt retries at once; an unchecked ``peek`` reads the old version
+from the timeline. The attempt never observes a state that no single commit
 produced (opacity), even across ``await``.
 
-Commit. One synchronous section under the store's ``threading.Lock``:
-validate the checked refs (every ``get``/``alter``/``set``/``ensure``), refuse to
-overwrite a ref another starving transaction has claimed, re-apply commutes to
-the newest values, run validators, then install every new version at ``t + 1``.
-No ``await`` inside, so cancellation can never leave half a commit.
+Commit. The body's result is sealed into a :class:`~astm._commit.CommitRequest`
+and handed to the store's committer, which validates the checked refs, re-applies
+commutes to the newest values, runs validators, and makes the writes the next
+``t`` (locally under one lock, or in PostgreSQL). No ``await`` inside a local
+commit, so cancellation can never leave half a commit.
 
 Contention. A conflict on a hot ref, or a third failure, makes the transaction
 *claim* the refs involved: claims are FIFO queues per ref, taken in a global
@@ -32,21 +36,18 @@ import functools
 import inspect
 import logging
 import random
-import sys
 import time
 import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from contextvars import ContextVar
-from heapq import heappop
 from time import monotonic as _monotonic
-from time import time as _time
-from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, Protocol, TypeVar, cast, overload
 
 import anyio
 
-from . import codec
 from ._backend import Waiter, spawn
+from ._commit import CommitRequest, Committer, validate_value
 from ._db import Db, TxReport
 from ._errors import (
     CommuteConflictError,
@@ -55,22 +56,25 @@ from ._errors import (
     RetryLimitExceeded,
     StoreClosed,
     StoreMismatchError,
-    ValidationError,
+    TransactionEndedError,
     _Blocked,
     _Conflict,
 )
+from ._ops import STRUCTURAL, check_args
 from ._values import check_value
-from .abc import CommitRecord
 
 if TYPE_CHECKING:
+    from ._outbox import Outbox
     from ._ref import Ref
-    from ._store import Store
-    from .abc import Storage
+    from ._timeline import Timeline
+    from .abc import LogStorage
 
 __all__ = [
+    "Claimant",
     "Transaction",
     "after_commit",
     "check",
+    "current_for",
     "in_transaction",
     "io",
     "or_else",
@@ -88,9 +92,6 @@ _current: ContextVar[Transaction | None] = ContextVar("astm.transaction", defaul
 _NO: Any = object()
 _CoroutineType = types.CoroutineType
 
-#: A ref that faulted (its history lacked a version an attempt needed) keeps at
-#: least this many old versions at most.
-MAX_KEEP = 64
 #: Claims start on the first conflict of a ref that conflicted this often since
 #: its queue last drained, or on any conflict from the third failure on.
 HOT_REF_CONFLICTS = 2
@@ -101,20 +102,72 @@ CLAIM_TIME_FACTOR = 4.0
 CLAIM_MIN_SECONDS = 0.05
 
 
-class Transaction:
-    """The state of one transaction: its read point, reads, writes and effects.
+class Host(Protocol):
+    """What the engine needs of a store."""
 
-    Refs hand every operation to the current transaction (found once per call
-    in a context variable); nothing here allocates on a plain ``get``.
+    _timeline: Timeline
+    _committer: Committer
+    _log: LogStorage
+    _closed: bool
+    _durability: str
+    _retry_limit: int
+    _nclaims: int
+    _commits: int
+    _attempts: int
+    _retries: int
+    _faults: int
+    _blocked: int
+    outbox: Outbox
+
+
+class _Sealed:
+    """What an ended attempt's values become: any use raises ``TransactionEndedError``."""
+
+    __slots__ = ()
+
+    def get(self, ref: Any, default: Any = None) -> NoReturn:
+        raise TransactionEndedError(f"ref {getattr(ref, 'name', ref)!r}: a transactional operation")
+
+    def __setitem__(self, ref: Any, value: Any) -> NoReturn:
+        raise TransactionEndedError(f"ref {getattr(ref, 'name', ref)!r}: set()")
+
+    __getitem__ = get
+
+    def __contains__(self, ref: Any) -> NoReturn:
+        self.get(ref)
+
+    def __len__(self) -> int:
+        return 0
+
+
+_SEALED: Any = _Sealed()
+
+
+class Claimant:
+    """The claims of one transaction, shared by its attempts: held refs, and for how long others yield."""
+
+    __slots__ = ("budget", "deadline", "refs")
+
+    def __init__(self) -> None:
+        self.refs: list[Ref[Any]] = []
+        #: while holding claims: until when other commits yield to them
+        self.deadline = 0.0
+        #: how long others yield once it holds them
+        self.budget = CLAIM_MIN_SECONDS
+
+
+class Transaction:
+    """One attempt of a transaction: its read point, reads, writes and effects.
+
+    Refs hand every operation to the current attempt (found once per call in a
+    context variable); nothing here allocates on a plain ``get``.
     """
 
     __slots__ = (
         "attempts",
-        "budget",
-        "claims",
+        "claimant",
         "commutes",
         "conflicts",
-        "deadline",
         "effects",
         "outbox",
         "peeks",
@@ -125,45 +178,39 @@ class Transaction:
         "vals",
     )
 
-    def __init__(self, store: Store | None) -> None:
+    def __init__(self, store: Host | None) -> None:
         self.store = store
-        self.rp = store._t if store is not None else 0
-        #: in-transaction values of every ref written (set/alter/commute)
+        self.rp = store._timeline.t if store is not None else 0
+        #: in-transaction values of every ref written (set/alter/commute); sealed when the attempt ends
         self.vals: dict[Ref[Any], Any] = {}
         #: refs checked at commit: every get/alter/set/ensure
         self.reads: set[Ref[Any]] = set()
         self.peeks: set[Ref[Any]] | None = None
         self.commutes: dict[Ref[Any], list[tuple[Callable[..., Any], tuple[Any, ...]]]] | None = None
         self.effects: list[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
-        self.claims: list[Ref[Any]] | None = None
-        self.attempts = 0
-        self.conflicts: dict[str, int] | None = None
-        #: when the current attempt started (monotonic seconds)
-        self.started = 0.0
-        #: while holding claims: until when other commits yield to them
-        self.deadline = 0.0
-        #: how long others yield to this transaction's claims once it holds them
-        self.budget = CLAIM_MIN_SECONDS
         #: outbox entries of this attempt: (effect name, payload, order key)
         self.outbox: list[tuple[str, Any, Any]] | None = None
+        #: body runs so far, this one included
+        self.attempts = 0
+        self.conflicts: dict[str, int] | None = None
+        self.claimant: Claimant | None = None
+        #: when the current attempt started (monotonic seconds; 0 = unknown)
+        self.started = 0.0
 
     # -- binding -------------------------------------------------------------
 
     def _bind(self, ref: Ref[Any]) -> None:
         """First ref of a decorated transaction fixes its store and read point."""
-        store = ref._store
-        if self.store is None:
-            self.store = store
-            self.rp = store._t
-        elif self.store is not store:
-            raise StoreMismatchError(ref.name)
+        self.bind_store(ref._store, ref.name)
 
-    def bind_store(self, store: Store) -> None:
+    def bind_store(self, store: Host, what: str | None = None) -> None:
         if self.store is None:
+            if self.vals is _SEALED:
+                raise TransactionEndedError(f"ref {what!r}: a transactional operation")
             self.store = store
-            self.rp = store._t
+            self.rp = store._timeline.t
         elif self.store is not store:
-            raise StoreMismatchError(f"<transaction of {store!r}>")
+            raise StoreMismatchError(what or f"<transaction of {store!r}>")
 
     # -- reads ---------------------------------------------------------------
 
@@ -171,7 +218,7 @@ class Transaction:
         """Move the read point to now if nothing read so far has changed since it."""
         store = self.store
         assert store is not None
-        new_rp = store._t
+        new_rp = store._timeline.t
         rp = self.rp
         for r in self.reads:
             if r._cur[0] > rp:
@@ -184,10 +231,10 @@ class Transaction:
         return True
 
     def _version_at(self, ref: Ref[Any]) -> tuple[int, Any]:
-        """The newest version of ``ref`` not after ``rp``: its history ring, else the log."""
+        """The newest version of ``ref`` not after ``rp``, from the timeline."""
         store = self.store
         assert store is not None
-        v = version_at(store, ref, self.rp)
+        v = store._timeline.version_at(ref, self.rp)
         if v is None:
             raise _Conflict((ref,), fault=True)
         return v
@@ -231,6 +278,9 @@ class Transaction:
     # -- writes --------------------------------------------------------------
 
     def set(self, ref: Ref[Any], value: Any) -> Any:
+        vals = self.vals
+        if vals is _SEALED:
+            vals[ref] = value  # raises
         check_value(value, ref.name)
         if ref._store is not self.store:
             self._bind(ref)
@@ -241,7 +291,7 @@ class Transaction:
             if ref._cur[0] > self.rp:
                 self._stale_checked(ref)
             reads.add(ref)
-        self.vals[ref] = value
+        vals[ref] = value
         return value
 
     def alter(self, ref: Ref[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
@@ -258,7 +308,7 @@ class Transaction:
         elif self.commutes is not None and ref in self.commutes:
             raise CommuteConflictError(ref.name)
         nv = fn(v, *args)
-        check_value(nv, ref.name)
+        checked(fn, args, nv, ref.name)
         vals[ref] = nv
         return nv
 
@@ -270,7 +320,7 @@ class Transaction:
             # already altered/set here: the ref is checked, so its in-transaction
             # value is exactly what the commit will build on
             nv = fn(v, *args)
-            check_value(nv, ref.name)
+            checked(fn, args, nv, ref.name)
             vals[ref] = nv
             return nv
         if v is _NO:
@@ -278,7 +328,7 @@ class Transaction:
             assert self.peeks is not None
             self.peeks.discard(ref)
         nv = fn(v, *args)
-        check_value(nv, ref.name)
+        checked(fn, args, nv, ref.name)
         vals[ref] = nv
         if commutes is None:
             commutes = self.commutes = {}
@@ -292,109 +342,40 @@ class Transaction:
     def ensure(self, ref: Ref[Any]) -> Any:
         return self.get(ref)
 
-    # -- commit --------------------------------------------------------------
+    # -- ending an attempt ------------------------------------------------------
 
-    def commit(self, pin: bool = False) -> tuple[int, list[tuple[Ref[Any], Any, Any]], list[Waiter] | None, bool]:
-        """Validate and install every write at one new ``t``; returns (t, changes, wake).
+    def request(self, pin: bool) -> CommitRequest:
+        """Seal this attempt and hand its changes over as one commit request."""
+        req = CommitRequest(
+            self.rp, self.reads, self.vals, self.commutes, self.outbox, self.claimant, self.attempts, pin
+        )
+        self.vals = _SEALED
+        return req
 
-        Raises ``_Conflict`` to retry, ``ValidationError`` or a commute function's
-        error to abort; in every such case nothing has been changed.
-        """
-        store = self.store
-        vals = self.vals
-        assert store is not None
-        with store._lock:
-            if store._closed:
-                raise StoreClosed()
-            rp = self.rp
-            t = store._t
-            if t != rp:
-                bad = [r for r in self.reads if r._cur[0] > rp]
-                if bad:
-                    raise _Conflict(bad)
-            commutes = self.commutes
-            if store._nclaims:
-                now = _monotonic()
-                for r in vals:
-                    c = r._claim
-                    if c is not None and c is not self and c.deadline > now and (commutes is None or r not in commutes):
-                        raise _Conflict((r,))
-            self.finish_values()
-            backend = store._backend
-            if backend is not None:
-                if backend.failed is not None:
-                    raise backend.refusal()
-                encoded = _encode(vals, self.outbox)  # a value the codec refuses aborts here
-            # all values calculated and validated; no more client code runs below
-            t += 1
-            changes: list[tuple[Ref[Any], Any, Any]] = []
-            wake: list[Waiter] | None = None
-            watched = False
-            for r, v in vals.items():
-                old = r._cur
-                if r._keep:
-                    _keep_version(store, r, old)
-                r._cur = (t, v)
-                changes.append((r, old[1], v))
-                if r._watches:
-                    watched = True
-                if r._waiters:
-                    if wake is None:
-                        wake = []
-                    wake.extend(r._waiters)
-                    r._waiters = None
-            store._t = t
-            log = store._log
-            now = _time()
-            log.append((t, now, changes))
-            if backend is not None:
-                _submit(backend, t, now, vals, encoded, t - store._history)
-            if len(log) >= store._trim_len:
-                store._trim(t)
-            if store._tick:
-                if wake is None:
-                    wake = []
-                wake.extend(store._tick)
-                store._tick = []
-            if pin:
-                store._pin(t - 1)
-                store._pin(t)
-            store._commits += 1
-            store._attempts += self.attempts
-        return t, changes, wake, watched
+    def seal(self) -> None:
+        """End this attempt: a task that still holds it can no longer change anything."""
+        self.vals = _SEALED
 
-    def finish_values(self) -> list[Ref[Any]]:
-        """Re-apply commutes to the newest values and run validators (under the store lock).
-
-        Returns the refs that were only commuted (not read): their values came
-        from the newest versions, not from the read point.
-        """
-        vals = self.vals
-        commuted = []
-        if self.commutes:
-            reads = self.reads
-            for r, fns in self.commutes.items():
-                if r in reads:
-                    continue  # checked and unchanged: the in-tx value stands
-                v = r._cur[1]
-                for f, a in fns:
-                    v = f(v, *a)
-                check_value(v, r.name)
-                vals[r] = v
-                commuted.append(r)
-        for r, v in vals.items():
-            if r._validator is not None:
-                _validate(r, v)
-        return commuted
+    def next_attempt(self) -> Transaction:
+        """Seal this attempt and start the next one at a fresh read point (it becomes the current one)."""
+        self.vals = _SEALED
+        nxt = Transaction(self.store)
+        nxt.attempts = self.attempts
+        nxt.conflicts = self.conflicts
+        nxt.claimant = self.claimant
+        nxt.started = _monotonic()
+        _current.set(nxt)
+        return nxt
 
     # -- contention ----------------------------------------------------------
 
     async def claim(self, refs: Iterable[Ref[Any]]) -> None:
         """Hold the claims on ``refs`` (and those already held), in ref order."""
-        held = self.claims
-        if held is None:
-            held = self.claims = []
-        new = {r for r in refs if r._claim is not self} - set(held)
+        me = self.claimant
+        if me is None:
+            me = self.claimant = Claimant()
+        held = me.refs
+        new = {r for r in refs if r._claim is not me} - set(held)
         if not new:
             return
         if held and min(r._ord for r in new) < max(r._ord for r in held):
@@ -403,9 +384,9 @@ class Transaction:
         else:
             want = sorted(new, key=_ord)
         for r in want:
-            await self._claim_one(r)
+            await self._claim_one(me, r)
 
-    async def _claim_one(self, ref: Ref[Any]) -> None:
+    async def _claim_one(self, me: Claimant, ref: Ref[Any]) -> None:
         """Take the claim on ``ref``, waiting in its FIFO queue.
 
         Only the head of the queue times the holder: a holder that overstays
@@ -414,14 +395,14 @@ class Transaction:
         """
         store = self.store
         assert store is not None
-        entry: list[Any] = [self, None]
-        with store._lock:
+        lock = store._timeline.lock
+        entry: list[Any] = [me, None]
+        with lock:
             if ref._claim is None:
-                ref._claim = self
-                self.deadline = _monotonic() + self.budget
+                ref._claim = me
+                me.deadline = _monotonic() + me.budget
                 store._nclaims += 1
-                assert self.claims is not None
-                self.claims.append(ref)
+                me.refs.append(ref)
                 return
             q = ref._queue
             if q is None:
@@ -430,18 +411,17 @@ class Transaction:
         try:
             while True:
                 w = Waiter()
-                with store._lock:
+                with lock:
                     holder = ref._claim
-                    if holder is self:
+                    if holder is me:
                         break
-                    assert q is not None
                     assert holder is not None
                     entry[1] = w
                     head = q[0] is entry
                     wait = holder.deadline - _monotonic()
                     if head and wait <= 0:
                         q.popleft()  # the holder is stuck: go ahead without the claim
-                        if q:
+                        if q and q[0][1] is not None:
                             q[0][1].fire()
                         return
                 if head:
@@ -450,35 +430,33 @@ class Transaction:
                 else:
                     await w.wait()
         except BaseException:
-            with store._lock:
-                wake = []
-                if ref._claim is self:
+            wake: list[Waiter | None] = []
+            with lock:
+                if ref._claim is me:
                     wake = _handoff(store, ref)
-                else:
-                    assert ref._queue is not None
-                    was_head = ref._queue[0] is entry
-                    ref._queue.remove(entry)
-                    if was_head and ref._queue:
-                        wake.append(ref._queue[0][1])
+                elif entry in q:
+                    was_head = q[0] is entry
+                    q.remove(entry)
+                    if was_head and q:
+                        wake.append(q[0][1])
             for x in wake:
                 if x is not None:
                     x.fire()
             raise
-        assert self.claims is not None
-        self.claims.append(ref)
+        me.refs.append(ref)
 
     def release_claims(self) -> None:
-        claims = self.claims
-        if not claims:
+        me = self.claimant
+        if me is None or not me.refs:
             return
         store = self.store
         assert store is not None
         wake: list[Waiter | None] = []
-        with store._lock:
-            for r in claims:
-                if r._claim is self:
+        with store._timeline.lock:
+            for r in me.refs:
+                if r._claim is me:
                     wake.extend(_handoff(store, r))
-        claims.clear()
+        me.refs.clear()
         for w in wake:
             if w is not None:
                 w.fire()
@@ -490,7 +468,9 @@ class Transaction:
         watched = set(self.reads)
         if self.peeks:
             watched |= self.peeks
-        watched.update(self.vals)
+        if self.vals is not _SEALED:
+            watched.update(self.vals)
+        self.seal()
         if not watched:
             raise RuntimeError(
                 "astm.retry() was called before the transaction read any ref, so no "
@@ -499,54 +479,34 @@ class Transaction:
         self.release_claims()
         store = self.store
         assert store is not None
-        rp = self.rp
-        w = Waiter()
-        with store._lock:
-            if any(r._cur[0] > rp for r in watched):
-                return
-            for r in watched:
-                ws = r._waiters
-                if ws is None:
-                    r._waiters = {w}
-                else:
-                    ws.add(w)
+        with store._timeline.lock:
             store._blocked += 1
-        try:
-            await w.wait()
-        finally:
-            with store._lock:
-                for r in watched:
-                    ws = r._waiters
-                    if ws is not None:
-                        ws.discard(w)
+        await store._timeline.sleep_until_changed(watched, self.rp)
 
-    def reset(self) -> None:
-        """Forget the attempt's reads, writes and effects; take a fresh read point."""
-        self.vals.clear()
-        self.reads.clear()
-        self.peeks = None
-        self.commutes = None
-        self.effects = None
-        self.outbox = None
-        if self.store is not None:
-            self.rp = self.store._t
+
+def checked(fn: Callable[..., Any], args: tuple[Any, ...], nv: Any, name: str) -> None:
+    """Check the result of ``fn`` on a checked value: whole, or only what a structural helper added."""
+    if fn in STRUCTURAL:
+        check_args(fn, args, name)
+    else:
+        check_value(nv, name)
 
 
 def _ord(ref: Ref[Any]) -> int:
     return ref._ord
 
 
-def _handoff(store: Store, ref: Ref[Any]) -> list[Waiter | None]:
-    """Pass the claim on ``ref`` to the next in line (under the store lock); returns whom to wake.
+def _handoff(store: Host, ref: Ref[Any]) -> list[Waiter | None]:
+    """Pass the claim on ``ref`` to the next in line (under the lock); returns whom to wake.
 
     Wakes the new holder, and the new head of the queue so that it starts
     timing that holder.
     """
     q = ref._queue
     if q:
-        tx, w = q.popleft()
-        ref._claim = tx
-        tx.deadline = _monotonic() + tx.budget
+        claimant, w = q.popleft()
+        ref._claim = claimant
+        claimant.deadline = _monotonic() + claimant.budget
         return [w, q[0][1]] if q else [w]
     ref._claim = None
     ref._heat = 0
@@ -554,124 +514,11 @@ def _handoff(store: Store, ref: Ref[Any]) -> list[Waiter | None]:
     return []
 
 
-def _validate(ref: Ref[Any], value: Any) -> None:
-    validator = ref._validator
-    assert validator is not None
-    _validate_value(ref.name, validator, value)
-
-
-def _validate_value(name: str, validator: Callable[[Any], Any], value: Any) -> None:
-    """Raise ``ValidationError`` unless ``validator(value)`` is true."""
-    try:
-        ok = validator(value)
-    except Exception as exc:
-        raise ValidationError(name, value, f"the validator raised {exc!r}") from exc
-    if not ok:
-        raise ValidationError(name, value)
-
-
-def _keep_version(store: Store, ref: Ref[Any], old: tuple[int, Any]) -> None:
-    """Keep the superseded version in the ref's ring of ``ref._keep`` versions.
-
-    Only refs whose readers faulted (needed a version nobody kept) have a ring;
-    it grows on each fault and shrinks again while nobody faults (``decay``).
-    """
-    h = ref._hist
-    if h is None:
-        h = ref._hist = deque()
-        store._versioned.add(ref)
-    h.append(old)
-    while len(h) > ref._keep:
-        h.popleft()
-
-
-def decay_history(ref: Ref[Any]) -> bool:
-    """Halve a ref's kept history (no reader faulted on it lately); True when none is left."""
-    ref._keep //= 2
-    h = ref._hist
-    if h is not None:
-        while len(h) > ref._keep:
-            h.popleft()
-        if h:
-            return False
-        ref._hist = None
-    return ref._keep == 0
-
-
-def version_at(store: Store, ref: Ref[Any], t: int) -> tuple[int, Any] | None:
-    """The version of ``ref`` visible at ``t``, or None when no longer kept anywhere.
-
-    Looks at the newest version, then the ref's own ring, then the store's
-    commit log (which retains every superseded value for its window).
-    """
-    cur = ref._cur
-    if cur[0] <= t:
-        return cur
-    h = ref._hist
-    if h is not None:
-        for i in range(len(h) - 1, -1, -1):
-            v = h[i]
-            if v[0] <= t:
-                return v
-    with store._lock:
-        log = store._log
-        if not log:
-            return None
-        first = log[0][0]
-        if t + 1 < first:
-            return None
-        for i in range(t + 1 - first, len(log)):
-            for r, old, _new in log[i][2]:
-                if r is ref:
-                    # the first change after t replaced the value visible at t
-                    return (t, old)
-    return None
-
-
-def _encode(
-    vals: dict[Ref[Any], Any], outbox: list[tuple[str, Any, Any]] | None
-) -> tuple[list[str], list[tuple[int, str, str, str | None]]]:
-    """Encode a commit for durable storage (under the lock, before anything is applied)."""
-    encs = [codec.dumps(v, f"ref {r.name!r}") for r, v in vals.items()]
-    entries = []
-    if outbox:
-        for seq, (name, payload, order_key) in enumerate(outbox):
-            where = f"outbox entry of effect {name!r}"
-            entries.append(
-                (seq, name, codec.dumps(payload, where), None if order_key is None else codec.dumps(order_key, where))
-            )
-    return encs, entries
-
-
-def _submit(
-    backend: Storage,
-    t: int,
-    now: float,
-    vals: dict[Ref[Any], Any],
-    encoded: tuple[list[str], list[tuple[int, str, str, str | None]]],
-    floor: int,
-) -> None:
-    """Queue an applied commit to the backend's writer (under the lock, so in t order)."""
-    encs, entries = encoded
-    changes = []
-    for r, enc in zip(vals, encs, strict=True):
-        changes.append((r.name, r._enc, enc))
-        r._enc = enc
-    backend.submit(CommitRecord(t, now, changes, entries, floor))
-
-
-def pin_floor(pins: dict[int, int], heap: list[int]) -> int | None:
-    """The oldest pinned ``t`` (dropping released pins from the heap top)."""
-    while heap and heap[0] not in pins:
-        heappop(heap)
-    return heap[0] if heap else None
-
-
 # -- the runner ---------------------------------------------------------------
 
 
 async def run_transaction(
-    store: Store | None,
+    store: Host | None,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
@@ -684,6 +531,8 @@ async def run_transaction(
     """
     outer = _current.get()
     if outer is not None:
+        if outer.vals is _SEALED:
+            raise TransactionEndedError("a nested transaction")
         if report:
             raise RuntimeError(
                 "store.transact() reports one commit and cannot run inside another "
@@ -699,6 +548,7 @@ async def run_transaction(
         raise StoreClosed()
     tx = Transaction(store)
     token = _current.set(tx)
+    counted = False  # the attempts are in the store's counters
     try:
         while True:
             tx.attempts += 1
@@ -707,46 +557,44 @@ async def run_transaction(
                 if type(r) is _CoroutineType:
                     r = await r
                 if not tx.vals and not tx.outbox:
+                    tx.seal()
+                    counted = True
                     return await _finish_read_only(tx, r, report)
-                remote = tx.store._remote if tx.store is not None else None
-                if remote is None:
-                    t, changes, wake, watched = tx.commit(report)
-                else:
-                    t, changes = await remote.commit(tx)
-                    wake, watched = None, False  # applying the log woke waiters and ran watches
-                    _count_remote(tx, t, report)
+                st = tx.store
+                assert st is not None
+                req = tx.request(report)
+                done = st._committer.commit(req)
+                if type(done) is not tuple:
+                    done = await cast(Awaitable[Any], done)
+                t, changes, wake, watched = done
+                counted = True
             except _Conflict as c:
-                await _after_conflict(tx, c, retry_limit)
+                tx = await _after_conflict(tx, c, retry_limit)
                 continue
             except _Blocked:
                 await tx.wait_for_change()
-                tx.reset()
-                tx.started = _monotonic()
+                tx = tx.next_attempt()
                 continue
             break
-        if tx.claims:
-            tx.release_claims()
-        store = tx.store
-        assert store is not None
-        if store._backend is not None:
-            await _durable(store, tx, t)
-        elif tx.outbox and store._remote is None:
-            store.outbox.add_committed(t, tx.outbox)
         if wake is not None:
             for w in wake:
                 w.fire()
+        if tx.claimant is not None:
+            tx.release_claims()
+        # the dbs of a report own their pins from here on: a cancelled wait below releases them
+        rep = _report(tx, r, t, changes) if report else None
+        await _after_durable(st, t, tx.outbox)
         if watched or tx.effects is not None:
             await _after_commit(tx, changes)
-        if report:
-            return _report(tx, r, t, changes)
-        return r
-    except BaseException:
-        if tx.claims:
+        return r if rep is None else rep
+    except BaseException as exc:
+        tx.seal()
+        if tx.claimant is not None:
             tx.release_claims()
-        store = tx.store
-        if store is not None and not isinstance(sys.exc_info()[1], RetryLimitExceeded):
-            with store._lock:
-                store._attempts += tx.attempts
+        st2 = tx.store
+        if st2 is not None and not counted and not isinstance(exc, RetryLimitExceeded):
+            with st2._timeline.lock:
+                st2._attempts += tx.attempts
         raise
     finally:
         _current.reset(token)
@@ -764,60 +612,53 @@ def _report(tx: Transaction, result: Any, t: int | None, changes: list[tuple[Ref
     return TxReport.of_commit(store, t, result, changes, now, pinned=True)
 
 
-def _count_remote(tx: Transaction, t: int, report: bool) -> None:
-    """Stats (and report pins) for a commit made through a remote store."""
-    store = tx.store
-    assert store is not None
-    with store._lock:
-        store._commits += 1
-        store._attempts += tx.attempts
-        if report:
-            store._pin(t - 1)
-            store._pin(t)
-
-
-async def _durable(store: Store, tx: Transaction, t: int) -> None:
+async def _after_durable(store: Host, t: int, outbox: list[tuple[str, Any, Any]] | None) -> None:
     """Acknowledge only what is durable; hand outbox entries over once they are.
 
     With ``durability="async"`` the transaction returns at once and its outbox
-    entries follow when the writer has flushed them.
+    entries follow when the storage has made them durable.
     """
-    backend = store._backend
-    assert backend is not None
-    if store._durability == "sync":
-        await backend.wait_durable(t)
-        if tx.outbox:
-            store.outbox.add_committed(t, tx.outbox)
-    elif tx.outbox:
-        spawn(_hand_over_when_durable, store, t, tx.outbox)
+    storage = store._log
+    if storage.durable_t < t:
+        if store._durability != "sync":
+            if outbox:
+                spawn(_hand_over_when_durable, store, t, outbox)
+            return
+        await storage.wait_durable(t)
+    if outbox:
+        store.outbox.committed(t, outbox)
 
 
-async def _hand_over_when_durable(store: Store, t: int, entries: list[tuple[str, Any, Any]]) -> None:
-    assert store._backend is not None
-    await store._backend.wait_durable(t)
-    store.outbox.add_committed(t, entries)
+async def _hand_over_when_durable(store: Host, t: int, entries: list[tuple[str, Any, Any]]) -> None:
+    await store._log.wait_durable(t)
+    store.outbox.committed(t, entries)
 
 
 async def _finish_read_only(tx: Transaction, result: Any, report: bool) -> Any:
     store = tx.store
-    if store is not None and store._backend is not None and tx.rp > store._backend.durable_t:
-        # it read a commit that is not durable yet: do not acknowledge before it is
-        await store._backend.wait_durable(tx.rp)
+    rep = None
     if store is not None:
-        with store._lock:
+        with store._timeline.lock:
             store._attempts += tx.attempts
             if report:
-                store._pin(tx.rp)
-    if tx.claims:
+                store._timeline.pin(tx.rp)
+        if report:
+            rep = _report(tx, result, None, [])
+        if tx.rp > store._log.durable_t:
+            # it read a commit that is not durable yet: do not acknowledge before it is
+            await store._log.wait_durable(tx.rp)
+    if tx.claimant is not None:
         tx.release_claims()
     if tx.effects:
         await _run_effects(tx.effects)
     if report:
-        return _report(tx, result, None, [])
+        return rep if rep is not None else _report(tx, result, None, [])
     return result
 
 
-async def _after_conflict(tx: Transaction, c: _Conflict, retry_limit: int | None) -> None:
+async def _after_conflict(tx: Transaction, c: _Conflict, retry_limit: int | None) -> Transaction:
+    """Count the conflict, back off or claim, and start the next attempt (returned)."""
+    tx.seal()
     store = tx.store
     assert store is not None
     conflicts = tx.conflicts
@@ -828,14 +669,14 @@ async def _after_conflict(tx: Transaction, c: _Conflict, retry_limit: int | None
         r._heat += 1
         conflicts[r.name] = conflicts.get(r.name, 0) + 1
         if c.fault:
-            r._keep = min(max(1, r._keep * 2), MAX_KEEP)
+            store._timeline.faulted(r)
     failures = tx.attempts
     limit = store._retry_limit if retry_limit is None else retry_limit
     if c.fault:
         store._faults += 1
     store._retries += 1
     if failures >= limit:
-        with store._lock:
+        with store._timeline.lock:
             store._attempts += tx.attempts
         raise RetryLimitExceeded(failures, conflicts)
     if failures >= CLAIM_ALL_AFTER:
@@ -846,34 +687,41 @@ async def _after_conflict(tx: Transaction, c: _Conflict, retry_limit: int | None
     if to_claim:
         # unknown for a first attempt: then the minimum deadline applies
         took = _monotonic() - tx.started if tx.started else 0.0
+        me = tx.claimant
+        if me is None:
+            me = tx.claimant = Claimant()
         # others yield to our claims for about as long as the body took, then no more
-        tx.budget = max(CLAIM_MIN_SECONDS, CLAIM_TIME_FACTOR * took)
+        me.budget = max(CLAIM_MIN_SECONDS, CLAIM_TIME_FACTOR * took)
         await tx.claim(to_claim)
     elif failures >= 2:
         # exponential backoff with full jitter, 0.1 ms doubling up to 10 ms
         await anyio.sleep(random.uniform(0, min(0.01, 0.0001 * (1 << min(failures, 7)))))
-    tx.reset()
-    tx.started = _monotonic()
+    return tx.next_attempt()
 
 
 async def _after_commit(tx: Transaction, changes: list[tuple[Ref[Any], Any, Any]]) -> None:
     """Watches, then after-commit effects: outside the transaction, in order."""
     token = _current.set(None)
     try:
-        for r, old, new in changes:
-            watches = r._watches
-            if watches:
-                for key, wfn in list(watches.items()):
-                    try:
-                        res = wfn(key, r, old, new)
-                        if type(res) is _CoroutineType:
-                            await res
-                    except Exception:
-                        log.exception("watch %r on ref %r failed", key, r.name)
+        await run_watches(changes)
         if tx.effects:
             await _run_effects(tx.effects)
     finally:
         _current.reset(token)
+
+
+async def run_watches(changes: Iterable[tuple[Ref[Any], Any, Any]]) -> None:
+    """Call every watch of every changed ref with ``(key, ref, old, new)``; a failing watch is logged."""
+    for r, old, new in changes:
+        watches = r._watches
+        if watches:
+            for key, wfn in list(watches.items()):
+                try:
+                    res = wfn(key, r, old, new)
+                    if inspect.isawaitable(res):
+                        await res
+                except Exception:
+                    log.exception("watch %r on ref %r failed", key, r.name)
 
 
 async def _run_effects(effects: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
@@ -889,16 +737,20 @@ async def _run_effects(effects: list[tuple[Callable[..., Any], tuple[Any, ...]]]
 # -- the public functions -------------------------------------------------------
 
 
-def current() -> Transaction:
+def current_for(operation: str) -> Transaction:
+    """The current attempt, for ``operation``; raises when there is none or it has ended."""
     tx = _current.get()
     if tx is None:
-        raise NotInTransactionError("this operation")
+        raise NotInTransactionError(operation)
+    if tx.vals is _SEALED:
+        raise TransactionEndedError(operation)
     return tx
 
 
 def in_transaction() -> bool:
     """True when called inside a transaction body."""
-    return _current.get() is not None
+    tx = _current.get()
+    return tx is not None and tx.vals is not _SEALED
 
 
 def retry() -> NoReturn:
@@ -908,8 +760,7 @@ def retry() -> NoReturn:
     polling) until another transaction commits a change to something this
     attempt read. Bound the wait with ``anyio.fail_after``.
     """
-    if _current.get() is None:
-        raise NotInTransactionError("astm.retry()")
+    current_for("astm.retry()")
     raise _Blocked()
 
 
@@ -926,9 +777,7 @@ async def or_else(*alternatives: Callable[[], Any]) -> Any:
     read still counts, so when every alternative retries the transaction waits
     for a change to anything any of them read.
     """
-    tx = _current.get()
-    if tx is None:
-        raise NotInTransactionError("astm.or_else()")
+    tx = current_for("astm.or_else()")
     if not alternatives:
         raise TypeError("or_else() needs at least one alternative")
     for i, alt in enumerate(alternatives):
@@ -953,9 +802,7 @@ async def or_else(*alternatives: Callable[[], Any]) -> Any:
 
 def after_commit(fn: Callable[..., Any], *args: Any) -> None:
     """Run ``fn(*args)`` after the current transaction commits (never on retry or abort)."""
-    tx = _current.get()
-    if tx is None:
-        raise NotInTransactionError("astm.after_commit()")
+    tx = current_for("astm.after_commit()")
     if tx.effects is None:
         tx.effects = [(fn, args)]
     else:
@@ -1011,3 +858,7 @@ def io(fn: Callable[P, R]) -> Callable[P, R]:
         return fn(*args, **kwargs)
 
     return guard
+
+
+def _validate_value(name: str, validator: Callable[[Any], Any], value: Any) -> None:
+    validate_value(name, validator, value)

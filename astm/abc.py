@@ -1,24 +1,34 @@
-"""The storage interface a durable backend implements.
+"""The storage interfaces: what a store's storage implements.
 
-The in-memory store is the reference implementation: a :class:`astm.Store`
-with no backend. A durable backend receives every commit, in ``t`` order, from
-inside the commit's critical section (``submit`` must not block), makes it
-durable in the background, and says when (``wait_durable``). On open it hands
-back everything it recovered.
+A store is built from three parts (see ``docs/design.md``):
+
+* a **committer** (``astm._commit.Committer``) that turns a frozen commit
+  request into a ``t`` or a conflict: the local one (memory, SQLite) validates
+  under the timeline's lock; the PostgreSQL one validates in the database;
+* a :class:`LogStorage` that keeps commits: it receives every local commit's
+  record, in ``t`` order, from inside the commit's critical section
+  (``submit`` must not block), makes it durable, and says when;
+* an :class:`OutboxStorage` that keeps committed outbox entries until they are
+  delivered or dead.
+
+``astm.stores.memory`` is the reference implementation of both storage
+interfaces; ``astm.stores.sqlite`` and ``astm.stores.postgres`` stand beside it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["CommitRecord", "Recovered", "Storage"]
+__all__ = ["CommitRecord", "LogStorage", "OutboxEntry", "OutboxStorage", "Recovered"]
+
+Key = tuple[int, int]
 
 
 @dataclass(slots=True)
 class CommitRecord:
-    """One commit, encoded: what a backend writes."""
+    """One commit, encoded: what a durable log storage writes."""
 
     t: int
     time: float
@@ -26,59 +36,126 @@ class CommitRecord:
     changes: list[tuple[str, str, str]]
     #: (seq, effect name, payload encoded, order key encoded or None)
     outbox: list[tuple[int, str, str, str | None]]
-    #: the oldest t whose log entry retention still needs (older rows may go)
+    #: the oldest t whose log entry history retention still needs (older rows may go)
     floor: int
 
 
 @dataclass(slots=True)
 class Recovered:
-    """What a backend found on open."""
+    """What a log storage found on open: a checkpoint of ref values, and the log around it.
 
-    t: int = 0
-    #: (name, t of its last commit, value, value encoded)
+    The store installs the checkpoint, keeps the log rows up to ``checkpoint_t``
+    as history, and applies the rows after it as commits, in order.
+    """
+
+    checkpoint_t: int = 0
+    #: (name, t of its last commit, value, value encoded): every ref as of checkpoint_t
     refs: list[tuple[str, int, Any, str]] = field(default_factory=list)
-    #: (t, time, [(name, old, new)])
-    log: list[tuple[int, float, list[tuple[str, Any, Any]]]] = field(default_factory=list)
-    #: (key, effect, payload, order key, attempts, error text or None); dead when error is set
-    outbox: list[tuple[tuple[int, int], str, Any, Hashable | None, int, str | None]] = field(default_factory=list)
+    #: (t, time, [(name, old, new, new encoded)]) for every retained row, oldest first
+    log: list[tuple[int, float, list[tuple[str, Any, Any, str]]]] = field(default_factory=list)
 
 
-class Storage(Protocol):
-    """A durable backend of a store."""
+class LogStorage(Protocol):
+    """Where a store's local commits go, in ``t`` order."""
 
-    #: the newest t known to be durable
-    durable_t: int
-    #: why the backend stopped writing (then every commit is refused), else None
+    #: whether this storage wants encoded records (a memory log does not)
+    encodes: bool
+    #: why the storage stopped writing (then every commit is refused), else None
     failed: BaseException | None
 
-    def refusal(self) -> Exception:
-        """The error a commit gets once the backend has failed."""
+    @property
+    def durable_t(self) -> int:
+        """The newest t known to be durable."""
         ...
 
     def recover(self) -> Recovered:
         """Everything stored, read once on open."""
         ...
 
-    def submit(self, record: CommitRecord) -> None:
-        """Queue one commit for writing (called under the store lock, in t order; never blocks)."""
+    def refusal(self) -> Exception:
+        """The error a commit gets once the storage has failed (that commit was not applied)."""
+        ...
+
+    def submit(self, t: int, record: CommitRecord | None) -> None:
+        """Take commit ``t`` (under the timeline's lock, in t order; never blocks)."""
         ...
 
     async def wait_durable(self, t: int) -> None:
-        """Return once every commit up to ``t`` is durable; raise ``StorageError`` if it cannot be."""
-        ...
+        """Return once every commit up to ``t`` is durable.
 
-    def outbox_done(self, key: tuple[int, int]) -> None:
-        """Forget a delivered outbox entry."""
-        ...
-
-    def outbox_dead(self, key: tuple[int, int], attempts: int, error: str) -> None:
-        """Mark an outbox entry dead after its last failed attempt."""
-        ...
-
-    def outbox_requeued(self, key: tuple[int, int]) -> None:
-        """Mark a dead outbox entry pending again."""
+        Raise ``CommitOutcomeUnknown`` when the write of ``t`` failed (it may
+        or may not be found after reopening).
+        """
         ...
 
     def close(self) -> None:
-        """Write what is queued, then release the file."""
+        """Write what is queued, then release the storage (blocking: run it off the event loop)."""
+        ...
+
+
+class OutboxEntry:
+    """One committed outbox entry: its key ``(t, seq)``, effect, payload, order key and attempts so far."""
+
+    __slots__ = ("attempts", "due", "effect", "error", "exc", "key", "order_key", "payload")
+
+    def __init__(self, key: Key, effect: str, payload: Any, order_key: Hashable | None, attempts: int = 0) -> None:
+        self.key = key
+        self.effect = effect
+        self.payload = payload
+        self.order_key = order_key
+        self.attempts = attempts
+        #: the last failure, as text (kept with a dead letter)
+        self.error: str | None = None
+        #: the last failure itself, in the process that saw it
+        self.exc: BaseException | None = None
+        #: when it may be tried again (monotonic seconds; 0 = now)
+        self.due = 0.0
+
+    def __repr__(self) -> str:
+        return f"<OutboxEntry {self.effect!r} key={self.key} attempts={self.attempts}>"
+
+
+class OutboxStorage(Protocol):
+    """Where committed outbox entries wait for delivery; one dispatcher drives every implementation.
+
+    ``claim`` hands out entries that are due, at most one in flight per order
+    key and never one while an earlier entry of its order key is pending.
+    Every claimed entry comes back through exactly one of ``done``, ``retry``
+    or ``dead``.
+    """
+
+    def committed(self, t: int, entries: list[tuple[str, Any, Hashable | None]]) -> None:
+        """Entries of commit ``t`` are durable: make them claimable (memory, SQLite) or announce them."""
+        ...
+
+    async def claim(self, limit: int, effects: Collection[str]) -> list[OutboxEntry]:
+        """Up to ``limit`` due entries of these effects, marked in flight, ``attempts`` counted."""
+        ...
+
+    async def done(self, entry: OutboxEntry) -> None:
+        """The entry was delivered: forget it."""
+        ...
+
+    async def retry(self, entry: OutboxEntry, error: str, delay: float) -> None:
+        """The delivery failed: try again after ``delay`` seconds (its order key stays blocked)."""
+        ...
+
+    async def dead(self, entry: OutboxEntry, error: str) -> None:
+        """The last attempt failed: keep it as a dead letter (its order key moves on)."""
+        ...
+
+    async def requeue(self, key: Key | None) -> int:
+        """Make one dead letter (or all of them) pending again; how many."""
+        ...
+
+    async def dead_letters(self) -> list[OutboxEntry]:
+        """Every dead letter, oldest first."""
+        ...
+
+    async def pending(self, effects: Collection[str] | None = None) -> int:
+        """Entries committed and neither delivered nor dead (of these effects, or of all)."""
+        ...
+
+    def next_due(self) -> float | None:
+        """When to look again though nothing was announced (monotonic seconds), or None to wait for ``committed``."""
         ...

@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import datetime as _dt
 import json
+import sqlite3
 import sys
 import uuid
 from decimal import Decimal
@@ -18,8 +19,8 @@ from typing import Any
 
 from pyrsistent import PMap, PSet, PVector
 
-from ._errors import AstmError
-from .stores.sqlite import load, read_only
+from ._errors import AstmError, StorageError
+from .stores.sqlite import load, read_only, state
 
 __all__ = ["main"]
 
@@ -47,20 +48,21 @@ def inspect(path: str) -> dict[str, Any]:
     """Basis t, ref count, log range, pending and dead outbox entries of a store file."""
     conn = read_only(path)
     try:
-        rec = load(conn)
-        basis = rec.t
-        refs = len(rec.refs)
-        lo, hi = conn.execute("SELECT MIN(t), MAX(t) FROM log").fetchone()
-        pending = conn.execute("SELECT COUNT(*) FROM outbox WHERE error IS NULL").fetchone()[0]
-        dead = conn.execute("SELECT COUNT(*) FROM outbox WHERE error IS NOT NULL").fetchone()[0]
-        version = int(conn.execute("SELECT value FROM astm_meta WHERE key = 'schema_version'").fetchone()[0])
+        basis, refs = state(load(conn, path))
+        try:
+            lo, hi = conn.execute("SELECT MIN(t), MAX(t) FROM log").fetchone()
+            pending = conn.execute("SELECT COUNT(*) FROM outbox WHERE error IS NULL").fetchone()[0]
+            dead = conn.execute("SELECT COUNT(*) FROM outbox WHERE error IS NOT NULL").fetchone()[0]
+            version = int(conn.execute("SELECT value FROM astm_meta WHERE key = 'schema_version'").fetchone()[0])
+        except (sqlite3.Error, ValueError, TypeError) as exc:
+            raise StorageError(path, f"the file is damaged ({exc!r})", "restore it from a backup") from exc
     finally:
         conn.close()
     return {
         "path": path,
         "schema_version": version,
         "basis_t": basis,
-        "refs": refs,
+        "refs": len(refs),
         "log": None if lo is None else [lo, hi],
         "outbox_pending": pending,
         "outbox_dead": dead,
@@ -72,10 +74,10 @@ def dump(path: str, out: Any = None) -> None:
     out = out or sys.stdout
     conn = read_only(path)
     try:
-        rec = load(conn)
+        _, refs = state(load(conn, path))
     finally:
         conn.close()
-    for name, t, value, _ in sorted(rec.refs):
+    for name, (t, value) in sorted(refs.items()):
         out.write(json.dumps({"ref": name, "t": t, "value": _plain(value)}) + "\n")
 
 

@@ -1,21 +1,36 @@
-"""The safe codec: how values cross into storage (no pickle).
+"""The safe codec: which values a ref may hold, and how they cross into storage (no pickle).
+
+Every store, the in-memory one included, accepts exactly the values this codec
+can write and read back unchanged, so code tested on ``Store()`` behaves the
+same on a durable store. :func:`check` is that test; the mutable built-ins
+(``list``, ``dict``, ``set``, ``bytearray``) anywhere inside a value give a
+``MutableValueError``, any other type the codec cannot round-trip a
+``CodecError``.
 
 Values are written as compact tagged JSON. Plain JSON types stand for
 themselves; every other type is a one-key object whose key is its tag::
 
-    None, bool, int, float, str      as JSON
+    None, bool, int, float, str      as JSON (str exactly, lone surrogates included)
+    int beyond 4000 digits  {"ix": "<hex>"}
     tuple          {"t": [...]}          bytes      {"b": "<base64>"}
     Decimal        {"d": "1.50"}         UUID       {"u": "<hex>"}
     datetime       {"dt": "<iso>"}       date       {"da": "<iso>"}     time  {"ti": "<iso>"}
+    datetime, time with a named zone or fold    {"dz": [iso, fold, zone]} / {"tz": [iso, fold, zone]}
     frozenset      {"fs": [...]}         pset       {"ps": [...]}
     pvector        {"pv": [...]}         pmap       {"pm": [[k, v], ...]}
     frozen dataclass   {"dc": "<module>:<qualname>", "f": {field: value}}
+    NamedTuple         {"nt": "<module>:<qualname>", "v": [...]}
+    Enum member        {"en": "<module>:<qualname>", "v": "<member name>"}
+    PRecord, PClass    {"pr": "<module>:<qualname>", "f": {...}} / {"pc": ...}
     registered type    {"x": "<name>", "v": <encoded value>}
 
-Decoding never runs code from the file: a dataclass is looked up by name
-among registered classes or, failing that, imported by module and qualified
-name and checked to be a frozen dataclass. Register other immutable types with
-:func:`register`.
+A zone is an IANA key (``zoneinfo.ZoneInfo``) or ``[offset seconds, name]``
+(``datetime.timezone``).
+
+Decoding never runs code from the file and never imports a module because the
+data names it: a class is found among the classes registered or encoded in
+this process, or in a module the process has already imported; an unknown
+name is a ``CodecError``. Register other immutable types with :func:`register`.
 """
 
 from __future__ import annotations
@@ -23,22 +38,33 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as _dt
-import importlib
+import enum
 import json
+import sys
 import uuid
+import zoneinfo
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-from pyrsistent import PMap, PSet, PVector, pmap, pset, pvector
+from pyrsistent import PClass, PRecord, pmap, pset, pvector
 
-from ._errors import CodecError
+from ._errors import CodecError, MutableValueError
 
-__all__ = ["decode", "dumps", "encode", "loads", "register"]
+__all__ = ["check", "decode", "dumps", "encode", "loads", "register"]
 
 _registered_by_type: dict[type, tuple[str, Callable[[Any], Any]]] = {}
 _registered_by_name: dict[str, Callable[[Any], Any]] = {}
-_dataclasses: dict[str, type] = {}
+#: classes met while encoding (or registered), by "<module>:<qualname>"
+_classes: dict[str, type] = {}
+
+_PMAP: type = type(pmap())
+_PVECTOR: type = type(pvector())
+_PSET: type = type(pset())
+_MUTABLE = (list, dict, set, bytearray)
+_UTC = _dt.UTC
+#: ints with more digits than this are written in hex (Python refuses to print them in decimal)
+_BIG_INT_BITS = 13_000
 
 
 def register(cls: type, name: str, encode: Callable[[Any], Any], decode: Callable[[Any], Any]) -> None:
@@ -57,14 +83,61 @@ def register(cls: type, name: str, encode: Callable[[Any], Any], decode: Callabl
     _registered_by_name[name] = decode
 
 
-def _dc_name(cls: type) -> str:
-    return f"{cls.__module__}:{cls.__qualname__}"
+def _class_name(cls: type) -> str:
+    name = f"{cls.__module__}:{cls.__qualname__}"
+    _classes.setdefault(name, cls)
+    return name
+
+
+def _zone(tz: _dt.tzinfo, where: str, value: object) -> Any:
+    """The encoded form of a time zone, or CodecError for one the codec cannot name."""
+    if type(tz) is zoneinfo.ZoneInfo and tz.key is not None:
+        return tz.key
+    if type(tz) is _dt.timezone:
+        offset = tz.utcoffset(None)
+        name = tz.tzname(None)
+        default = _dt.timezone(offset).tzname(None)
+        return [offset.total_seconds(), None if name == default else name]
+    raise CodecError(
+        where,
+        value,
+        message=f"{where}: cannot store a time zone of type {type(tz).__qualname__}; use zoneinfo.ZoneInfo "
+        "or datetime.timezone (or register the type with astm.codec.register). Nothing was committed",
+    )
+
+
+def _from_zone(spec: Any) -> _dt.tzinfo:
+    if isinstance(spec, str):
+        try:
+            return zoneinfo.ZoneInfo(spec)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise CodecError.unknown(f"time zone {spec!r}", "install the tzdata package") from exc
+    offset, name = spec
+    delta = _dt.timedelta(seconds=offset)
+    return _dt.timezone(delta) if name is None else _dt.timezone(delta, name)
+
+
+def _plain_zone(tz: _dt.tzinfo | None) -> bool:
+    """Whether an ISO offset alone restores ``tz`` exactly (none, or a fixed offset with its default name)."""
+    if tz is None:
+        return True
+    if type(tz) is not _dt.timezone:
+        return False
+    return tz.tzname(None) == _dt.timezone(tz.utcoffset(None)).tzname(None)
 
 
 def encode(value: Any, where: str = "value") -> Any:
-    """The JSON-able tagged form of ``value``; ``CodecError`` for a type the codec cannot write."""
+    """The JSON-able tagged form of ``value``.
+
+    Raises ``MutableValueError`` for a mutable built-in anywhere inside it,
+    ``CodecError`` for any other type the codec cannot write.
+    """
     t = type(value)
-    if value is None or t is bool or t is int or t is float or t is str:
+    if value is None or t is bool or t is str or t is float:
+        return value
+    if t is int:
+        if value.bit_length() > _BIG_INT_BITS:
+            return {"ix": hex(value)}
         return value
     if t is tuple:
         return {"t": [encode(v, where) for v in value]}
@@ -72,49 +145,93 @@ def encode(value: Any, where: str = "value") -> Any:
         return {"d": str(value)}
     if t is bytes:
         return {"b": base64.b64encode(value).decode("ascii")}
+    if t is _PMAP:
+        return {"pm": [[encode(k, where), encode(v, where)] for k, v in value.items()]}
+    if t is _PVECTOR:
+        return {"pv": [encode(v, where) for v in value]}
+    if t is _PSET:
+        return {"ps": [encode(v, where) for v in value]}
+    if t is frozenset:
+        return {"fs": [encode(v, where) for v in value]}
     if t is _dt.datetime:
-        return {"dt": value.isoformat()}
+        tz = value.tzinfo
+        if value.fold == 0 and _plain_zone(tz):
+            return {"dt": value.isoformat()}
+        zone = None if tz is None else _zone(tz, where, value)
+        return {"dz": [value.replace(tzinfo=None).isoformat(), value.fold, zone]}
     if t is _dt.date:
         return {"da": value.isoformat()}
     if t is _dt.time:
-        return {"ti": value.isoformat()}
+        tz = value.tzinfo
+        if value.fold == 0 and _plain_zone(tz):
+            return {"ti": value.isoformat()}
+        zone = None if tz is None else _zone(tz, where, value)
+        return {"tz": [value.replace(tzinfo=None).isoformat(), value.fold, zone]}
     if t is uuid.UUID:
         return {"u": value.hex}
-    if t is frozenset:
-        return {"fs": [encode(v, where) for v in value]}
-    if isinstance(value, PMap):
-        return {"pm": [[encode(k, where), encode(v, where)] for k, v in value.items()]}
-    if isinstance(value, PVector):
-        return {"pv": [encode(v, where) for v in value]}
-    if isinstance(value, PSet):
-        return {"ps": [encode(v, where) for v in value]}
     reg = _registered_by_type.get(t)
     if reg is not None:
         return {"x": reg[0], "v": encode(reg[1](value), where)}
-    if dataclasses.is_dataclass(value) and t.__dataclass_params__.frozen:
-        name = _dc_name(t)
-        _dataclasses.setdefault(name, t)
+    if isinstance(value, _MUTABLE):
+        raise MutableValueError(where, value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if not t.__dataclass_params__.frozen:
+            raise CodecError(
+                where,
+                value,
+                message=f"{where}: {t.__qualname__} is a dataclass that is not frozen, so it could change under "
+                "a transaction that read it; declare it @dataclass(frozen=True). Nothing was committed",
+            )
         return {
-            "dc": name,
+            "dc": _class_name(t),
             "f": {f.name: encode(getattr(value, f.name), where) for f in dataclasses.fields(value) if f.init},
         }
+    if isinstance(value, enum.Enum):
+        return {"en": _class_name(t), "v": value.name}
+    if isinstance(value, tuple) and hasattr(t, "_fields"):
+        return {"nt": _class_name(t), "v": [encode(v, where) for v in value]}
+    if isinstance(value, PRecord):
+        return {"pr": _class_name(t), "f": {k: encode(v, where) for k, v in value.items()}}
+    if isinstance(value, PClass):
+        fields: dict[str, Any] = value._to_dict()  # type: ignore[attr-defined]
+        return {"pc": _class_name(t), "f": {k: encode(v, where) for k, v in fields.items()}}
     raise CodecError(where, value)
 
 
-def _dataclass(name: str) -> type:
-    cls = _dataclasses.get(name)
-    if cls is None:
-        module, _, qualname = name.partition(":")
-        try:
-            obj: Any = importlib.import_module(module)
-            for part in qualname.split("."):
-                obj = getattr(obj, part)
-        except (ImportError, AttributeError) as exc:
-            raise CodecError.unknown(f"dataclass {name!r}", "import it or define it before opening the store") from exc
-        if not (isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__dataclass_params__.frozen):  # type: ignore[attr-defined]
-            raise CodecError.unknown(f"{name!r}", "it is not a frozen dataclass")
-        cls = _dataclasses[name] = obj
-    return cls
+def check(value: Any, where: str = "value") -> None:
+    """Raise unless ``value`` is immutable and every store can keep it (the same test everywhere).
+
+    ``MutableValueError`` for a mutable built-in anywhere inside it,
+    ``CodecError`` for a type the codec cannot round-trip.
+    """
+    encode(value, where)
+
+
+def _lookup(name: str, kind: str, ok: Callable[[Any], bool]) -> Any:
+    """A class by "<module>:<qualname>": met in this process, or in a module already imported. Never imports."""
+    cls = _classes.get(name)
+    if cls is not None:
+        return cls
+    module, _, qualname = name.partition(":")
+    obj: Any = sys.modules.get(module)
+    if obj is None:
+        raise CodecError.unknown(
+            f"{kind} {name!r}",
+            f"its module {module!r} is not imported; import it before opening the store "
+            "(astm never imports a module because stored data names it)",
+        )
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise CodecError.unknown(f"{kind} {name!r}", f"module {module!r} has no {qualname!r}")
+    if not (isinstance(obj, type) and ok(obj)):
+        raise CodecError.unknown(f"{name!r}", f"it is not a {kind}")
+    _classes[name] = obj
+    return obj
+
+
+def _is_frozen_dataclass(cls: Any) -> bool:
+    return dataclasses.is_dataclass(cls) and bool(getattr(cls, "__dataclass_params__").frozen)  # noqa: B009
 
 
 def decode(data: Any) -> Any:
@@ -127,6 +244,12 @@ def decode(data: Any) -> Any:
             return tuple(decode(x) for x in v)
         if tag == "d":
             return Decimal(v)
+        if tag == "pm":
+            return pmap({decode(k): decode(x) for k, x in v})
+        if tag == "pv":
+            return pvector(decode(x) for x in v)
+        if tag == "ps":
+            return pset(decode(x) for x in v)
         if tag == "b":
             return base64.b64decode(v)
         if tag == "dt":
@@ -139,12 +262,16 @@ def decode(data: Any) -> Any:
             return uuid.UUID(hex=v)
         if tag == "fs":
             return frozenset(decode(x) for x in v)
-        if tag == "pm":
-            return pmap({decode(k): decode(x) for k, x in v})
-        if tag == "pv":
-            return pvector(decode(x) for x in v)
-        if tag == "ps":
-            return pset(decode(x) for x in v)
+        if tag == "ix":
+            return int(v, 16)
+        if tag == "dz":
+            iso, fold, zone = v
+            naive = _dt.datetime.fromisoformat(iso)
+            return naive.replace(tzinfo=None if zone is None else _from_zone(zone), fold=fold)
+        if tag == "tz":
+            iso, fold, zone = v
+            naive_t = _dt.time.fromisoformat(iso)
+            return naive_t.replace(tzinfo=None if zone is None else _from_zone(zone), fold=fold)
     elif len(data) == 2:
         if "x" in data:
             dec = _registered_by_name.get(data["x"])
@@ -152,22 +279,45 @@ def decode(data: Any) -> Any:
                 raise CodecError.unknown(f"type {data['x']!r}", "register it with astm.codec.register(...)")
             return dec(decode(data["v"]))
         if "dc" in data:
-            cls = _dataclass(data["dc"])
+            cls = _lookup(data["dc"], "frozen dataclass", _is_frozen_dataclass)
+            return cls(**{k: decode(x) for k, x in data["f"].items()})
+        if "nt" in data:
+            cls = _lookup(data["nt"], "NamedTuple", lambda c: issubclass(c, tuple) and hasattr(c, "_fields"))
+            return cls(*(decode(x) for x in data["v"]))
+        if "en" in data:
+            cls = _lookup(data["en"], "Enum", lambda c: issubclass(c, enum.Enum))
+            return cls[data["v"]]
+        if "pr" in data:
+            cls = _lookup(data["pr"], "PRecord", lambda c: issubclass(c, PRecord))
+            return cls(**{k: decode(x) for k, x in data["f"].items()})
+        if "pc" in data:
+            cls = _lookup(data["pc"], "PClass", lambda c: issubclass(c, PClass))
             return cls(**{k: decode(x) for k, x in data["f"].items()})
     raise CodecError.unknown(f"tagged value {str(data)[:60]!r}", "the file may be from a newer astm")
 
 
+_dump_fast = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_dump_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+
+
+def _utf8_safe(text: str, data: Any) -> str:
+    """``text``, or its ASCII-escaped form when it holds lone surrogates (which UTF-8 cannot carry)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _dump_ascii(data)  # "\\ud800" escapes read back as the same lone surrogate
+    return text
+
+
 def dumps(value: Any, where: str = "value") -> str:
-    """``value`` as a compact JSON string of its tagged form."""
+    """``value`` as a compact JSON string of its tagged form (valid UTF-8 text, exact on reading back)."""
     t = type(value)
-    if t is int:
+    if t is int and value.bit_length() <= _BIG_INT_BITS:
         return str(value)
-    if t is str:
-        return _encode_str(value)
-    return json.dumps(encode(value, where), separators=(",", ":"), ensure_ascii=False)
-
-
-_encode_str = json.JSONEncoder(ensure_ascii=False).encode
+    data = encode(value, where)
+    return _utf8_safe(_dump_fast(data), data)
 
 
 def loads(text: str | bytes) -> Any:

@@ -17,11 +17,11 @@ def test_public_surface_is_pinned() -> None:
     """The names users rely on (DESIGN.md) are all exported."""
     expected = {
         "Agent", "AgentFailed", "AgentFamily", "AstmError", "Atom", "AtomInTransactionError",
-        "Change", "CodecError", "CommuteConflictError", "Db", "DeadLetter", "Effect",
+        "Change", "CodecError", "CommitOutcomeUnknown", "CommuteConflictError", "Db", "DeadLetter", "Effect",
         "HistoryUnavailable", "IOInTransactionError", "MutableValueError", "NotInTransactionError",
         "Outbox", "Ref", "RetryLimitExceeded", "Stats", "StorageError", "Store", "StoreClosed",
-        "StoreMismatchError", "SyncTimeout", "TxReport", "ValidationError", "after_commit",
-        "check", "in_transaction", "io", "or_else", "retry", "run", "transactional",
+        "StoreMismatchError", "SyncTimeout", "TransactionEndedError", "TxReport", "ValidationError",
+        "after_commit", "assoc", "check", "conj", "disj", "dissoc", "in_transaction", "io", "or_else", "retry", "run", "transactional",
     }  # fmt: skip
     assert set(astm.__all__) == expected
     assert astm.__all__ == sorted(astm.__all__)

@@ -30,7 +30,7 @@ class TestDelivery:
         await store.atomically(body)
         await store.outbox.drain()
         assert got == [("hello", (1, 0), 1), ("again", (1, 1), 1)]
-        assert store.outbox.delivered == 2 and store.outbox.pending == 0
+        assert store.outbox.delivered == 2 and (await store.outbox.pending_count()) == 0
 
     async def test_aborted_transaction_enqueues_nothing(self, store: astm.Store) -> None:
         """An aborted transaction's entries are never delivered."""
@@ -98,7 +98,7 @@ class TestRetries:
         await store.atomically(lambda: flaky.enqueue("x"))
         await store.outbox.drain()
         assert keys == [(1, 0)] * 3
-        assert store.outbox.dead() == []
+        assert (await store.outbox.dead_letters()) == []
 
     async def test_dead_letters_and_requeue(self, store: astm.Store) -> None:
         """After the last attempt an entry is a dead letter with its error; requeue delivers it again."""
@@ -113,15 +113,15 @@ class TestRetries:
 
         await store.atomically(lambda: hook.enqueue("a"))
         await store.outbox.drain()
-        [dead] = store.outbox.dead()
+        [dead] = await store.outbox.dead_letters()
         assert (dead.key, dead.effect, dead.payload, dead.attempts) == ((1, 0), "hook", "a", 2)
         assert isinstance(dead.error, ConnectionRefusedError)
         healthy = True
-        assert store.outbox.requeue() == 1
+        assert (await store.outbox.requeue_letters()) == 1
         await store.outbox.drain()
-        assert delivered == ["a"] and store.outbox.dead() == []
+        assert delivered == ["a"] and (await store.outbox.dead_letters()) == []
         with pytest.raises(KeyError):
-            store.outbox.requeue((9, 9))
+            (await store.outbox.requeue_letters((9, 9)))
 
 
 class TestOrdering:

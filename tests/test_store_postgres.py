@@ -253,7 +253,7 @@ class TestServerRestart:
             # a commit in flight is resolved through the log, others wait for the server: any error
             # a client saw is a clear StorageError (anything else would have failed the task group)
             assert all("not committed" in e or "unknown" in e for e in errors), errors[:3]
-            assert store._remote is not None and store._remote.reconnects >= 1, "the outage went unnoticed"
+            assert store._peer is not None and store._peer.reconnects >= 1, "the outage went unnoticed"
             assert len(acked) > before, "the peer did not reconnect"
         log_ts = {t for t, _ in await _log_rows(pg_dsn)}
         assert set(acked) <= log_ts

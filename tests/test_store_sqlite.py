@@ -166,7 +166,7 @@ class TestRestart:
 
             await store.atomically(pay)
             await store.outbox.drain()
-            assert len(store.outbox.dead()) == 1
+            assert len((await store.outbox.dead_letters())) == 1
         delivered: list[tuple[Any, Key]] = []
         again = astm.Store(url)
 
@@ -186,14 +186,16 @@ class TestRestart:
                 if rep.t == 4:
                     break
             assert ts == [2, 3, 4]
-            [dead] = again.outbox.dead()
+            [dead] = await again.outbox.dead_letters()
             assert dead.key == (4, 0) and "not now" in str(dead.error)
-            again.outbox.requeue()
+            (await again.outbox.requeue_letters())
             await again.outbox.drain()
             assert delivered == [("p", (4, 0))]
             await again.atomically(lambda: n2.set(10))
         async with astm.Store(url) as third:
-            assert third.t == 5 and third.outbox.pending == 0 and third.outbox.dead() == []
+            assert (
+                third.t == 5 and (await third.outbox.pending_count()) == 0 and (await third.outbox.dead_letters()) == []
+            )
 
     async def test_pending_entries_resume_after_restart(self, tmp_path: Path) -> None:
         """An entry committed but not delivered before close is delivered by the next process."""
@@ -340,7 +342,7 @@ class TestWriterFailure:
     async def test_a_failed_writer_refuses_further_commits(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """When writing fails (disk full), the waiting commit gets a StorageError and later commits are refused."""
+        """When writing fails (disk full), the waiting commit's outcome is unknown and later commits are refused."""
         from astm.stores.sqlite import SqliteStorage
 
         async with astm.Store(f"sqlite:///{tmp_path / 's.db'}") as store:
@@ -351,10 +353,11 @@ class TestWriterFailure:
                 raise OSError(28, "No space left on device")
 
             monkeypatch.setattr(SqliteStorage, "_write", full)
-            with pytest.raises(astm.StorageError, match="could not be made durable"):
+            with pytest.raises(astm.CommitOutcomeUnknown, match="outcome is unknown"):
                 await store.atomically(lambda: r.set(2))
-            with pytest.raises(astm.StorageError, match="accepts no more commits"):
+            with pytest.raises(astm.StorageError, match="accepts no more commits.*was not committed") as refused:
                 await store.atomically(lambda: r.set(3))
+            assert not isinstance(refused.value, astm.CommitOutcomeUnknown)
             assert r.get() == 2  # applied in memory, never acknowledged; 3 was refused before any change
         monkeypatch.undo()
         async with astm.Store(f"sqlite:///{tmp_path / 's.db'}") as again:

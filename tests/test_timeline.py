@@ -75,12 +75,12 @@ class TestDbValues:
         for _ in range(300):
             await bump(store, r)
         assert db[r] == 0
-        assert len(store._log) >= 300
+        assert len(store._timeline.log) >= 300
         del db
         gc.collect()
         for _ in range(30):
             await bump(store, r)
-        assert len(store._log) <= 10 + 10
+        assert len(store._timeline.log) <= 10 + 10
         with pytest.raises(astm.HistoryUnavailable, match="oldest t available"):
             store.as_of(5)
 
@@ -206,7 +206,7 @@ class TestReports:
         for _ in range(200):
             await bump(store, r)  # the consumer holds a report and reads nothing: commits go on
         assert store.t == 201
-        assert len(store._log) <= 20 + 20, "a stuck consumer must not hold the log"
+        assert len(store._timeline.log) <= 20 + 20, "a stuck consumer must not hold the log"
         with pytest.raises(astm.HistoryUnavailable, match="no longer retained"):
             first.db_before[r]
         with pytest.raises(astm.HistoryUnavailable, match="fresh db value"):

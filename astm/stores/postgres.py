@@ -2,69 +2,72 @@
 
 ``Store("postgresql://user@host/db")``, opened with ``async with store:``.
 Each process is a peer: it keeps the refs in memory with their versions and
-runs transactions locally at its basis ``t``. A commit sends the versions it
-read, its writes and its outbox entries to PostgreSQL in one round trip
-(``astm_commit``), which takes the global commit lock, validates the read
-versions (serializable), gives the commit the next ``t`` and appends it to the
-log. A conflict retries the body locally; a conflict only on commuted refs
-re-applies the commutes to fresh values without running the body again.
+runs transactions locally at its basis ``t``. Three parts, each behind the
+interface the local stores implement too:
 
-Peers apply the global log in ``t`` order, their own commits included: they
-learn of commits through LISTEN/NOTIFY and catch up from the log table, and
-poll it as well, so a lost notification or a reconnect never leaves a peer
-silently stale.
+* :class:`PostgresCommitter` sends a commit request's read versions, writes
+  and outbox entries to PostgreSQL (``astm_commit_batch``), which takes the
+  global commit lock, validates the read versions (serializable), gives the
+  commit the next ``t`` and appends it to the log. A conflict retries the body
+  locally; a conflict only on commuted refs re-applies the commutes to fresh
+  values without running the body again. A dedicated sender task carries the
+  commits queued while a round trip is in flight, so one caller's
+  cancellation never touches another's commit.
+* The log is followed, in ``t`` order, own commits included: peers learn of
+  commits through LISTEN/NOTIFY and catch up from the log table, and poll it
+  as well, so a lost notification or a reconnect never leaves a peer silently
+  stale. Every row enters the peer through the store's ``Timeline.apply``.
+* :class:`PostgresOutbox`: entries are committed with the transaction; any
+  peer delivers them (``FOR UPDATE SKIP LOCKED`` with a lease), at least once,
+  with the same ``(t, seq)`` key on every redelivery, one at a time per
+  ``order_key``, through the same dispatcher as every store.
 
 A commit whose outcome is unknown (the connection dropped after sending it)
-is resolved by looking its transaction id up in the log, under the commit
-lock, never by running the body again. The outbox lives in PostgreSQL: any
-peer delivers entries (``FOR UPDATE SKIP LOCKED``), at least once, with the
-same ``(t, seq)`` key on every redelivery, one at a time per ``order_key``.
+is resolved by looking its transaction id up in the log under the commit lock
+and *fencing* the ids not found: ``astm_commit_batch`` refuses a fenced id, so
+an orphaned request that a server or pooler still executes later can no
+longer commit once the answer "not committed" has been given.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection, Hashable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
 from .. import codec
 from .._backend import Waiter, spawn
-from .._errors import StorageError, _Conflict
+from .._commit import CommitRequest, Committed, encode_changes, encode_outbox
+from .._errors import CommitOutcomeUnknown, StorageError, _Conflict
+from .._tx import run_watches
+from ..abc import CommitRecord, Key, OutboxEntry, Recovered
 
 if TYPE_CHECKING:
     import asyncpg
 
     from .._ref import Ref
-    from .._store import Store
-    from .._tx import Transaction
+    from .._timeline import Timeline
 
-__all__ = ["SCHEMA_VERSION", "PostgresStorage"]
+__all__ = ["SCHEMA_VERSION", "PostgresCommitter", "PostgresOutbox", "PostgresStorage"]
 
 log = logging.getLogger("astm")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CHANNEL = "astm_commits"
 POLL_SECONDS = 1.0
 OUTBOX_POLL_SECONDS = 0.2
 OUTBOX_LEASE = "30 seconds"
 #: how long a commit whose connection dropped keeps trying to learn its outcome
 RESOLVE_SECONDS = 10.0
+#: the most transactions one round trip carries
+BATCH_MAX = 64
 
-_SCHEMA = [
-    "CREATE TABLE IF NOT EXISTS astm_meta (key text PRIMARY KEY, value text NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS astm_refs (name text PRIMARY KEY, t bigint NOT NULL, value text NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS astm_log (
-        t bigint PRIMARY KEY, tx_id uuid NOT NULL UNIQUE, time double precision NOT NULL, changes text NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS astm_outbox (
-        t bigint NOT NULL, seq int NOT NULL, effect text NOT NULL, payload text NOT NULL, order_key text,
-        attempts int NOT NULL DEFAULT 0, error text, next_at timestamptz NOT NULL DEFAULT now(),
-        locked_until timestamptz, PRIMARY KEY (t, seq))""",
-    """CREATE OR REPLACE FUNCTION astm_commit_batch(p_batch jsonb) RETURNS jsonb
+_COMMIT_FUNCTION = """CREATE OR REPLACE FUNCTION astm_commit_batch(p_batch jsonb) RETURNS jsonb
     LANGUAGE plpgsql AS $$
     DECLARE
         cur bigint;
@@ -74,6 +77,11 @@ _SCHEMA = [
     BEGIN
         SELECT m.value::bigint INTO cur FROM astm_meta m WHERE m.key = 't' FOR UPDATE;  -- the commit lock
         FOR tx IN SELECT * FROM jsonb_array_elements(p_batch) LOOP
+            -- an id fenced by the resolution of a dropped connection never commits
+            IF EXISTS (SELECT 1 FROM astm_fence f WHERE f.tx_id = (tx->>'id')::uuid) THEN
+                results := results || jsonb_build_array(jsonb_build_object('status', 'fenced', 't', cur));
+                CONTINUE;
+            END IF;
             -- each transaction is validated against the state the earlier ones left
             SELECT array_agg(r.name) INTO bad
               FROM astm_refs r JOIN jsonb_to_recordset(tx->'reads') AS x(name text, t bigint) ON r.name = x.name
@@ -105,12 +113,26 @@ _SCHEMA = [
         UPDATE astm_meta SET value = cur::text WHERE key = 't';
         PERFORM pg_notify('astm_commits', cur::text);
         RETURN results;
-    END $$""",
+    END $$"""
+
+_FENCE = "CREATE TABLE IF NOT EXISTS astm_fence (tx_id uuid PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())"
+
+_SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS astm_meta (key text PRIMARY KEY, value text NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS astm_refs (name text PRIMARY KEY, t bigint NOT NULL, value text NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS astm_log (
+        t bigint PRIMARY KEY, tx_id uuid NOT NULL UNIQUE, time double precision NOT NULL, changes text NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS astm_outbox (
+        t bigint NOT NULL, seq int NOT NULL, effect text NOT NULL, payload text NOT NULL, order_key text,
+        attempts int NOT NULL DEFAULT 0, error text, next_at timestamptz NOT NULL DEFAULT now(),
+        locked_until timestamptz, PRIMARY KEY (t, seq))""",
+    _FENCE,
+    _COMMIT_FUNCTION,
 ]
+#: schema version 1 -> 2: the fence (additive)
+_MIGRATE_1 = [_FENCE, _COMMIT_FUNCTION]
 
 _COMMIT = "SELECT astm_commit_batch($1::jsonb)"
-#: the most transactions one round trip carries
-BATCH_MAX = 64
 
 _CLAIM = f"""
 UPDATE astm_outbox o SET locked_until = now() + interval '{OUTBOX_LEASE}', attempts = o.attempts + 1
@@ -142,12 +164,43 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _text_safe(text: str) -> str:
+    """Text PostgreSQL can store (no NUL, valid UTF-8), for error messages that quote user data."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+class _Host(Protocol):
+    """What a peer needs of its store: installing and applying logged commits, and the counters."""
+
+    _commits: int
+    _attempts: int
+    _refs: dict[str, Ref[Any]]
+
+    def _install(
+        self,
+        t: int,
+        refs: list[tuple[str, int, Any, str]],
+        history: list[tuple[int, float, list[tuple[str, Any, Any, str]]]],
+        where: str,
+    ) -> None: ...
+
+    def _apply_logged(
+        self, t: int, when: float, changes: list[tuple[str, Any, Any, str]], where: str
+    ) -> tuple[list[tuple[Ref[Any], Any, Any]], list[Waiter] | None, bool]: ...
+
+
+def _decode_row(changes: str) -> list[tuple[str, Any, Any, str]]:
+    """A log row's changes: (name, old, new, new encoded)."""
+    out = []
+    for n, o, v in json.loads(changes):
+        out.append((n, codec.decode(o), codec.decode(v), codec._utf8_safe(codec._dump_fast(v), v)))
+    return out
+
+
 class PostgresStorage:
-    """The PostgreSQL backend of a store: a peer of every other process using the same database."""
+    """A peer: the connections, the schema, and following the shared log (see the module docstring)."""
 
-    remote = True
-
-    def __init__(self, dsn: str, store: Store) -> None:
+    def __init__(self, dsn: str, timeline: Timeline, host: _Host) -> None:
         try:
             import asyncpg  # noqa: F401
         except ImportError:  # pragma: no cover - an extra
@@ -155,31 +208,48 @@ class PostgresStorage:
                 dsn, "the PostgreSQL store needs asyncpg", "pip install 'astm-state[postgres]'"
             ) from None
         self.dsn = dsn
-        self.store = store
-        self.durable_t = 0
+        self.timeline = timeline
+        self.host = host
         self.pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._catching_up = anyio.Lock()
         self._changed = anyio.Event()
         self._closing = False
         self._stopped = anyio.Event()
-        self._delivery_stopped = anyio.Event()
-        self._peer = uuid.uuid4().hex[:12]
-        self._queue: list[tuple[uuid.UUID, dict[str, Any], Waiter]] = []
+        self._following = False
         #: times this peer lost its notification connection and opened a new one
         self.reconnects = 0
-        self._sending = False
+        self.committer = PostgresCommitter(self)
+        self.log = PostgresLog(self)
+        self.outbox = PostgresOutbox(self)
 
     # -- opening ---------------------------------------------------------------------
+
+    def where(self) -> str:
+        import urllib.parse
+
+        p = urllib.parse.urlsplit(self.dsn)
+        return f"postgresql://{p.hostname}:{p.port or 5432}{p.path}"
+
+    def require_pool(self) -> asyncpg.Pool:
+        if self.pool is None:
+            raise StorageError(
+                self.where(),
+                "the store is not open",
+                "open it first: `async with store:` (or `await store.open()`)",
+            )
+        return self.pool
 
     async def open(self) -> None:
         import asyncpg
 
+        if self.pool is not None:
+            return
         try:
             self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=8)
         except _connection_errors() as exc:
             raise StorageError(
-                self._where(), f"cannot connect ({exc})", "check the URL and that the server runs"
+                self.where(), f"cannot connect ({exc})", "check the URL and that the server runs"
             ) from exc
         try:
             async with self.pool.acquire() as conn:
@@ -190,27 +260,20 @@ class PostgresStorage:
                     rows = await conn.fetch("SELECT name, t, value FROM astm_refs")
                     history = await conn.fetch(
                         "SELECT t, time, changes FROM astm_log WHERE t > $1 AND t <= $2 ORDER BY t",
-                        t - self.store._history,
+                        t - self.timeline.history,
                         t,
                     )
+            refs = [(r["name"], r["t"], codec.loads(r["value"]), r["value"]) for r in rows]
+            past = [(r["t"], r["time"], _decode_row(r["changes"])) for r in history]
         except BaseException:
             await self.pool.close()
             self.pool = None
             raise
-        store = self.store
-        with store._lock:
-            store._t = t
-            for name, rt, value in rows:
-                self._install(name, rt, codec.loads(value), value)
-            for rt, when, changes in history:
-                entry = [(store._refs[n], codec.decode(o), codec.decode(v)) for n, o, v in json.loads(changes)]
-                store._log.append((rt, when, entry))
-            store._oldest = history[0]["t"] - 1 if history else t
-            store._trim_len = len(store._log) + max(1, store._history // 8)
-        self.durable_t = t
+        with self.timeline.lock:
+            self.host._install(t, refs, past, self.where())
         await self._listen()
+        self._following = True
         spawn(self._follow)
-        spawn(self._deliver_loop)
 
     async def _schema(self, conn: asyncpg.Connection) -> None:
         import asyncpg
@@ -221,9 +284,14 @@ class PostgresStorage:
                 exists = await conn.fetchval("SELECT to_regclass('astm_meta') IS NOT NULL")
                 if exists:
                     version = await conn.fetchval("SELECT value FROM astm_meta WHERE key = 'schema_version'")
+                    if version is not None and int(version) == 1:
+                        for statement in _MIGRATE_1:
+                            await conn.execute(statement)
+                        await conn.execute("UPDATE astm_meta SET value = $1 WHERE key = 'schema_version'", "2")
+                        version = "2"
                     if version is None or int(version) != SCHEMA_VERSION:
                         raise StorageError(
-                            self._where(),
+                            self.where(),
                             f"schema version {version} is not the version {SCHEMA_VERSION} this astm uses",
                             "use the astm version that created it",
                         )
@@ -236,17 +304,11 @@ class PostgresStorage:
                 )
         except asyncpg.InsufficientPrivilegeError as exc:
             raise StorageError(
-                self._where(),
+                self.where(),
                 f"the database user lacks a right the store needs ({exc})",
                 "grant it CREATE on the schema (or create the astm tables as an owner) and USAGE, SELECT, "
                 "INSERT, UPDATE, DELETE on them",
             ) from exc
-
-    def _where(self) -> str:
-        import urllib.parse
-
-        p = urllib.parse.urlsplit(self.dsn)
-        return f"postgresql://{p.hostname}:{p.port or 5432}{p.path}"
 
     async def _listen(self) -> None:
         import asyncpg
@@ -256,7 +318,7 @@ class PostgresStorage:
         self._listener = conn
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
-        if int(payload) > self.store._t:
+        if int(payload) > self.timeline.t:
             self._changed.set()
 
     # -- following the log -----------------------------------------------------------
@@ -264,221 +326,68 @@ class PostgresStorage:
     async def _follow(self) -> None:
         """Catch up on notifications, and every POLL_SECONDS in case one was lost; reconnect as needed."""
         errors = _connection_errors()
-        while not self._closing:
-            with anyio.move_on_after(POLL_SECONDS):
-                await self._changed.wait()
-            self._changed = anyio.Event()
-            if self._closing:
-                break
-            try:
-                if self._listener is None or self._listener.is_closed():
+        try:
+            while not self._closing:
+                with anyio.move_on_after(POLL_SECONDS):
+                    await self._changed.wait()
+                self._changed = anyio.Event()
+                if self._closing:
+                    break
+                try:
+                    if self._listener is None or self._listener.is_closed():
+                        if self._listener is not None:
+                            self._listener.terminate()
+                            self._listener = None
+                        await self._listen()
+                        self.reconnects += 1
+                    await self.catch_up()
+                except errors as exc:
+                    log.warning("astm peer lost PostgreSQL (%s); reconnecting", exc)
                     if self._listener is not None:
                         self._listener.terminate()
                         self._listener = None
-                    await self._listen()
-                    self.reconnects += 1
-                await self.catch_up()
-            except errors as exc:
-                log.warning("astm peer lost PostgreSQL (%s); reconnecting", exc)
-                if self._listener is not None:
-                    self._listener.terminate()
-                    self._listener = None
-                await anyio.sleep(0.2)
-        self._stopped.set()
+                    await anyio.sleep(0.2)
+        finally:
+            self._stopped.set()
+
+    async def ask_for(self, t: int) -> None:
+        """``sync(t)`` is ahead of this peer: have the follower look now rather than at its next poll."""
+        if t > self.timeline.t:
+            self._changed.set()
 
     async def catch_up(self, upto: int | None = None) -> None:
         """Apply every log row after this peer's basis (up to ``upto`` at least)."""
-        assert self.pool is not None
+        pool = self.require_pool()
         async with self._catching_up:
-            if upto is not None and self.store._t >= upto:
+            if upto is not None and self.timeline.t >= upto:
                 return
-            async with self.pool.acquire() as conn:
-                rows = await conn.fetch("SELECT t, time, changes FROM astm_log WHERE t > $1 ORDER BY t", self.store._t)
+            async with pool.acquire() as conn:
+                rows = await conn.fetch(
+                    "SELECT t, time, changes FROM astm_log WHERE t > $1 ORDER BY t", self.timeline.t
+                )
             if rows:
                 await self._apply(rows)
 
     async def _apply(self, rows: list[Any]) -> None:
-        store = self.store
+        tl = self.timeline
         wake: list[Waiter] = []
         watched: list[tuple[Ref[Any], Any, Any]] = []
-        with store._lock:
-            for t, when, changes in rows:
-                if t <= store._t:
+        decoded = [(t, when, _decode_row(changes)) for t, when, changes in rows]
+        with tl.lock:
+            for t, when, changes in decoded:
+                if t <= tl.t:
                     continue
-                assert t == store._t + 1, f"log gap: at {store._t}, got {t}"
-                applied = []
-                for name, old_json, new_json in json.loads(changes):
-                    new = codec.decode(new_json)
-                    r = store._refs.get(name)
-                    if r is None:
-                        r = self._install(name, 0, codec.decode(old_json), json.dumps(old_json))
-                    old = r._cur[1]
-                    r._cur = (t, new)
-                    r._enc = json.dumps(new_json, separators=(",", ":"), ensure_ascii=False)
-                    applied.append((r, old, new))
-                    if r._waiters:
-                        wake.extend(r._waiters)
-                        r._waiters = None
-                    if r._watches:
-                        watched.append((r, old, new))
-                store._t = t
-                store._log.append((t, when, applied))
-                if len(store._log) >= store._trim_len:
-                    store._trim(t)
-            self.durable_t = store._t
-            if store._tick:
-                wake.extend(store._tick)
-                store._tick = []
-        for w in wake:
-            w.fire()
-        for r, old, new in watched:
-            for key, fn in list((r._watches or {}).items()):
-                try:
-                    res = fn(key, r, old, new)
-                    if hasattr(res, "__await__"):
-                        await res
-                except Exception:
-                    log.exception("watch %r on ref %r failed", key, r.name)
+                applied, w, any_watched = self.host._apply_logged(t, when, changes, self.where())
+                if w:
+                    wake.extend(w)
+                if any_watched:
+                    watched.extend(applied)
+        for x in wake:
+            x.fire()
+        if watched:
+            await run_watches(watched)
 
-    def _install(self, name: str, t: int, value: Any, enc: str) -> Ref[Any]:
-        from .._ref import Ref
-
-        store = self.store
-        r = store._refs.get(name)
-        if r is None:
-            r = Ref(store, name, value, None, len(store._refs))
-            store._refs[name] = r
-        r._cur = (t, value)
-        r._enc = enc
-        return r
-
-    # -- committing ------------------------------------------------------------------
-
-    async def commit(self, tx: Transaction) -> tuple[int, list[tuple[Ref[Any], Any, Any]]]:
-        """Validate and commit ``tx`` in PostgreSQL; returns (t, changes) once this peer has applied it.
-
-        Raises ``_Conflict`` to run the body again.
-        """
-        store = self.store
-        if self.pool is None:
-            raise StorageError(
-                self._where(),
-                "the store is not open",
-                "open it first: `async with store:` (or await store.__aenter__())",
-            )
-        tx_id = uuid.uuid4()
-        while True:
-            with store._lock:
-                rp = tx.rp
-                bad = [r for r in tx.reads if r._cur[0] > rp]
-                if bad:
-                    raise _Conflict(bad)
-                vals = tx.vals
-                commuted = tx.finish_values()
-                names = [r.name for r in vals]
-                old_vals = [r._cur[1] for r in vals]
-                encs = [codec.dumps(v, f"ref {r.name!r}") for r, v in vals.items()]
-                olds = [r._enc or codec.dumps(r._cur[1], f"ref {r.name!r}") for r in vals]
-                read_names = [r.name for r in tx.reads]
-                read_ts = [r._cur[0] for r in tx.reads]
-                commute_ts = [r._cur[0] for r in commuted]
-            changes = (
-                "[" + ",".join(f"[{json.dumps(n)},{o},{e}]" for n, o, e in zip(names, olds, encs, strict=True)) + "]"
-            )
-            outbox = []
-            for seq, (name, entry, order_key) in enumerate(tx.outbox or ()):
-                where = f"outbox entry of effect {name!r}"
-                outbox.append({
-                    "seq": seq, "effect": name, "payload": codec.dumps(entry, where),
-                    "order_key": None if order_key is None else codec.dumps(order_key, where),
-                })  # fmt: skip
-            payload = {
-                "id": str(tx_id),
-                "time": time.time(),
-                "reads": [{"name": n, "t": t} for n, t in zip(read_names, read_ts, strict=True)],
-                "commutes": [{"name": r.name, "t": t} for r, t in zip(commuted, commute_ts, strict=True)],
-                "writes": [{"name": n, "value": e} for n, e in zip(names, encs, strict=True)],
-                "changes": changes,
-                "outbox": outbox,
-            }
-            result = await self._batched(tx_id, payload)
-            status, t = result["status"], result["t"]
-            if status == "ok":
-                await self._catch_up_after(t)
-                return t, [(r, old, vals[r]) for r, old in zip(vals, old_vals, strict=True)]
-            await self._catch_up_after(t)
-            if status == "stale":
-                continue  # only commuted refs moved: re-apply the commutes, not the body
-            raise _Conflict([store._refs[n] for n in result["names"] if n in store._refs])
-
-    async def _batched(self, tx_id: uuid.UUID, payload: dict[str, Any]) -> dict[str, Any]:
-        """Queue one commit; a leader sends everything queued in one round trip (one WAL flush).
-
-        While a batch is in flight, later commits queue up and go together in
-        the next one, so a busy peer pays one round trip for many commits.
-        """
-        w = Waiter()
-        self._queue.append((tx_id, payload, w))
-        if not self._sending:
-            self._sending = True
-            try:
-                while self._queue:
-                    batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
-                    try:
-                        results = await self._send([p for _, p, _ in batch], [i for i, _, _ in batch])
-                    except BaseException as exc:
-                        for _, _, bw in batch:
-                            bw.fire(exc)
-                        continue
-                    for (_, _, bw), res in zip(batch, results, strict=True):
-                        bw.fire(res)
-            finally:
-                self._sending = False
-        await w.wait()
-        if isinstance(w.payload, BaseException):
-            raise w.payload
-        return w.payload  # type: ignore[no-any-return]
-
-    async def _send(self, payloads: list[dict[str, Any]], ids: list[uuid.UUID]) -> list[Any]:
-        """One round trip for a batch. If the connection drops, each outcome is looked up in the log.
-
-        Committed: the commit stands. Not committed: a clear ``StorageError``
-        (safe to run again). Unreachable for ``RESOLVE_SECONDS``: a
-        ``StorageError`` saying the outcome is unknown. Never re-sent, never
-        re-run.
-        """
-        assert self.pool is not None
-        errors = _connection_errors()
-        try:
-            async with self.pool.acquire() as conn:
-                return list(json.loads(await conn.fetchval(_COMMIT, json.dumps(payloads))))
-        except errors as exc:
-            first = exc
-        deadline = time.monotonic() + RESOLVE_SECONDS
-        while time.monotonic() < deadline:
-            await anyio.sleep(0.1)
-            try:
-                async with self.pool.acquire() as conn, conn.transaction():
-                    # the commit lock: waits out a batch still running on the dropped connection
-                    await conn.execute("SELECT 1 FROM astm_meta WHERE key = 't' FOR UPDATE")
-                    found = dict(await conn.fetch("SELECT tx_id, t FROM astm_log WHERE tx_id = ANY($1)", ids))
-            except errors:
-                continue
-            lost = StorageError(
-                self._where(),
-                f"the connection to PostgreSQL was lost during the commit ({first!r}); "
-                "the transaction was not committed",
-                "it is safe to run it again",
-            )
-            lost.__cause__ = first
-            return [{"status": "ok", "t": found[i]} if i in found else lost for i in ids]
-        raise StorageError(
-            self._where(),
-            f"the connection to PostgreSQL was lost during a commit and its outcome is unknown ({first!r})",
-            "the transaction may or may not have committed; check with a fresh read once the server is back",
-        ) from first
-
-    async def _catch_up_after(self, t: int) -> None:
+    async def catch_up_after(self, t: int) -> None:
         """Apply the log up to this peer's own commit ``t``, riding out a reconnect."""
         errors = _connection_errors()
         deadline = time.monotonic() + RESOLVE_SECONDS
@@ -489,107 +398,24 @@ class PostgresStorage:
             except errors as exc:
                 if time.monotonic() > deadline:
                     raise StorageError(
-                        self._where(),
+                        self.where(),
                         f"committed at t={t}, but this peer cannot read the log to apply it ({exc!r})",
                         "the commit is durable; it will appear once the server is reachable",
                     ) from exc
                 await anyio.sleep(0.1)
 
-    # -- the outbox ------------------------------------------------------------------
-
-    async def _deliver_loop(self) -> None:
-        try:
-            await self._deliver_rounds()
-        finally:
-            self._delivery_stopped.set()
-
-    async def _deliver_rounds(self) -> None:
-        errors = _connection_errors()
-        outbox = self.store.outbox
-        while not self._closing:
-            names = list(outbox._effects)
-            rows: list[Any] = []
-            if names and self.pool is not None:
-                try:
-                    async with self.pool.acquire() as conn:
-                        rows = await conn.fetch(_CLAIM, outbox.concurrency, names)
-                except errors:
-                    rows = []
-            if not rows:
-                await anyio.sleep(OUTBOX_POLL_SECONDS)
-                continue
-            async with anyio.create_task_group() as tg:
-                for row in rows:
-                    tg.start_soon(self._deliver, row)
-
-    async def _deliver(self, row: Any) -> None:
-        assert self.pool is not None
-        outbox = self.store.outbox
-        eff = outbox._effects[row["effect"]]
-        key = (row["t"], row["seq"])
-        try:
-            await eff.handler(codec.loads(row["payload"]), key=key)
-        except Exception as exc:
-            attempts = row["attempts"]
-            dead = attempts >= eff.max_attempts
-            delay = min(eff.max_backoff, eff.backoff * (2 ** (attempts - 1))) * random.uniform(0.5, 1.0)
-            async with self.pool.acquire() as conn:
-                await conn.execute(
-                    "UPDATE astm_outbox SET locked_until = NULL, error = $3, "
-                    "next_at = now() + make_interval(secs => $4) WHERE t = $1 AND seq = $2",
-                    key[0], key[1], repr(exc) if dead else None, delay,
-                )  # fmt: skip
-            return
-        async with self.pool.acquire() as conn:
-            await conn.execute("DELETE FROM astm_outbox WHERE t = $1 AND seq = $2", *key)
-        with outbox._lock:
-            outbox._delivered += 1
-
-    async def pending(self) -> int:
-        assert self.pool is not None
-        async with self.pool.acquire() as conn:
-            return int(await conn.fetchval("SELECT count(*) FROM astm_outbox WHERE error IS NULL"))
-
-    async def drain(self) -> None:
-        # other peers deliver too and nothing notifies this one of their deliveries: poll
-        while await self.pending():  # noqa: ASYNC110
-            await anyio.sleep(0.05)
-
-    async def dead(self) -> list[tuple[tuple[int, int], str, Any, int, str]]:
-        assert self.pool is not None
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT t, seq, effect, payload, attempts, error FROM astm_outbox "
-                "WHERE error IS NOT NULL ORDER BY t, seq"
-            )
-        return [((r["t"], r["seq"]), r["effect"], codec.loads(r["payload"]), r["attempts"], r["error"]) for r in rows]
-
-    async def requeue(self, key: tuple[int, int] | None) -> int:
-        assert self.pool is not None
-        async with self.pool.acquire() as conn:
-            if key is None:
-                done = await conn.execute(
-                    "UPDATE astm_outbox SET error = NULL, attempts = 0, next_at = now() WHERE error IS NOT NULL"
-                )
-            else:
-                done = await conn.execute(
-                    "UPDATE astm_outbox SET error = NULL, attempts = 0, next_at = now() "
-                    "WHERE t = $1 AND seq = $2 AND error IS NOT NULL",
-                    *key,
-                )
-        return int(done.split()[-1])
-
     # -- closing ---------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Stop following the log and delivering, then close every connection."""
+        """Stop following the log, then close every connection."""
         self._closing = True
         self._changed.set()
+        self.committer.stop()
         if self.pool is None:
             return
-        with anyio.move_on_after(5):
-            await self._stopped.wait()
-            await self._delivery_stopped.wait()
+        if self._following:
+            with anyio.move_on_after(5):
+                await self._stopped.wait()
         if self._listener is not None:
             try:
                 with anyio.fail_after(2):
@@ -601,7 +427,287 @@ class PostgresStorage:
                 await self.pool.close()
         except Exception:
             self.pool.terminate()
+        self.pool = None
 
-    # the durable-store hooks the engine calls on local backends do not apply to a peer
+
+class PostgresLog:
+    """The log storage face of a peer: every commit is durable in PostgreSQL before it is applied here."""
+
+    #: refs keep their encoded value (a commit's log row carries old and new)
+    encodes = True
+
+    def __init__(self, peer: PostgresStorage) -> None:
+        self._peer = peer
+        self.failed: BaseException | None = None
+
+    @property
+    def durable_t(self) -> int:
+        return self._peer.timeline.t
+
+    def recover(self) -> Recovered:  # pragma: no cover - a peer opens asynchronously (PostgresStorage.open)
+        return Recovered()
+
+    def refusal(self) -> Exception:  # pragma: no cover - a peer's commits are refused by the server
+        raise AssertionError("a PostgreSQL peer does not refuse commits locally")
+
+    def submit(self, t: int, record: CommitRecord | None) -> None:  # pragma: no cover
+        raise AssertionError("a PostgreSQL peer commits through PostgresCommitter")
+
     async def wait_durable(self, t: int) -> None:
         return None
+
+    def close(self) -> None:  # pragma: no cover - closed by PostgresStorage.close
+        return None
+
+
+class PostgresCommitter:
+    """Commits validated by ``astm_commit_batch`` in PostgreSQL, then applied here from the log."""
+
+    def __init__(self, peer: PostgresStorage) -> None:
+        self._peer = peer
+        self._queue: list[tuple[uuid.UUID, dict[str, Any], Waiter]] = []
+        self._sending = False
+        self._stopped = False
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    async def commit(self, request: CommitRequest) -> Committed:
+        """Validate and commit ``request`` in PostgreSQL; returns once this peer has applied it.
+
+        Raises ``_Conflict`` to run the body again.
+        """
+        peer = self._peer
+        tl = peer.timeline
+        peer.require_pool()
+        tx_id = uuid.uuid4()
+        vals = request.vals
+        while True:
+            with tl.lock:
+                bad = request.stale_reads()
+                if bad:
+                    raise _Conflict(bad)
+                commuted = request.finish()
+                names = [r.name for r in vals]
+                news = encode_changes(vals)
+                olds = [r._enc or codec.dumps(r._cur[1], f"ref {r.name!r}") for r in vals]
+                reads = [{"name": r.name, "t": r._cur[0]} for r in request.reads]
+                commutes = [{"name": r.name, "t": r._cur[0]} for r in commuted]
+            changes = (
+                "[" + ",".join(f"[{json.dumps(n)},{o},{e}]" for n, o, e in zip(names, olds, news, strict=True)) + "]"
+            )
+            payload = {
+                "id": str(tx_id),
+                "time": time.time(),
+                "reads": reads,
+                "commutes": commutes,
+                "writes": [{"name": n, "value": e} for n, e in zip(names, news, strict=True)],
+                "changes": changes,
+                "outbox": [
+                    {"seq": seq, "effect": name, "payload": p, "order_key": ok}
+                    for seq, name, p, ok in encode_outbox(request.outbox)
+                ],
+            }
+            result = await self._batched(tx_id, payload)
+            status, t = result["status"], result["t"]
+            await peer.catch_up_after(t)
+            if status == "ok":
+                with tl.lock:
+                    entry = tl.entry(t)
+                    host = peer.host
+                    host._commits += 1
+                    host._attempts += request.attempts
+                    if request.pin:
+                        tl.pin(t - 1)
+                        tl.pin(t)
+                changes_applied = entry[2] if entry is not None else [(r, None, v) for r, v in vals.items()]
+                return t, changes_applied, None, False
+            if status == "stale":
+                continue  # only commuted refs moved: re-apply the commutes, not the body
+            if status == "fenced":  # pragma: no cover - a live connection never sends a fenced id
+                raise StorageError(peer.where(), "this commit was fenced after a lost connection", "run it again")
+            refs = peer.host._refs
+            raise _Conflict([refs[n] for n in result["names"] if n in refs])
+
+    async def _batched(self, tx_id: uuid.UUID, payload: dict[str, Any]) -> dict[str, Any]:
+        """Queue one commit for the sender task, which sends everything queued in one round trip.
+
+        While a batch is in flight, later commits queue up and go together in
+        the next one, so a busy peer pays one round trip (one WAL flush) for
+        many commits. The round trip runs in the sender's own task: cancelling
+        a caller takes its commit out of the queue if it has not been sent, and
+        never touches the commits of other callers.
+        """
+        w = Waiter()
+        item = (tx_id, payload, w)
+        self._queue.append(item)
+        if not self._sending:
+            self._sending = True
+            spawn(self._send_loop)
+        try:
+            await w.wait()
+        except BaseException:
+            if item in self._queue:
+                self._queue.remove(item)  # not sent: it will not commit
+            raise
+        if isinstance(w.payload, BaseException):
+            raise w.payload
+        return w.payload  # type: ignore[no-any-return]
+
+    async def _send_loop(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
+                try:
+                    results = await self._send([p for _, p, _ in batch], [i for i, _, _ in batch])
+                except BaseException as exc:
+                    for _, _, bw in batch:
+                        bw.fire(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, _, bw), res in zip(batch, results, strict=True):
+                    bw.fire(res)
+        finally:
+            self._sending = False
+            if self._queue and not self._stopped:
+                self._sending = True
+                spawn(self._send_loop)
+
+    async def _send(self, payloads: list[dict[str, Any]], ids: list[uuid.UUID]) -> list[Any]:
+        """One round trip for a batch. If the connection drops, each outcome is looked up and fenced.
+
+        Committed: the commit stands. Not committed: a clear ``StorageError``
+        (safe to run again), and the id is fenced so the request can no longer
+        commit. Unreachable for ``RESOLVE_SECONDS``: ``CommitOutcomeUnknown``.
+        Never re-sent, never re-run.
+        """
+        peer = self._peer
+        pool = peer.require_pool()
+        errors = _connection_errors()
+        try:
+            async with pool.acquire() as conn:
+                return list(json.loads(await conn.fetchval(_COMMIT, json.dumps(payloads))))
+        except errors as exc:
+            first = exc
+        deadline = time.monotonic() + RESOLVE_SECONDS
+        while time.monotonic() < deadline:
+            await anyio.sleep(0.1)
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    # the commit lock: waits out a batch still running on the dropped connection
+                    await conn.execute("SELECT 1 FROM astm_meta WHERE key = 't' FOR UPDATE")
+                    found = dict(await conn.fetch("SELECT tx_id, t FROM astm_log WHERE tx_id = ANY($1)", ids))
+                    missing = [i for i in ids if i not in found]
+                    if missing:
+                        # fence them: the orphaned request, should it still run, can no longer commit
+                        await conn.executemany(
+                            "INSERT INTO astm_fence (tx_id) VALUES ($1) ON CONFLICT DO NOTHING", [(i,) for i in missing]
+                        )
+            except errors:
+                continue
+            lost = StorageError(
+                peer.where(),
+                f"the connection to PostgreSQL was lost during the commit ({first!r}); "
+                "the transaction was not committed",
+                "it is safe to run it again",
+            )
+            lost.__cause__ = first
+            return [{"status": "ok", "t": found[i]} if i in found else lost for i in ids]
+        raise CommitOutcomeUnknown(
+            peer.where(),
+            f"the connection to PostgreSQL was lost during a commit and its outcome is unknown ({first!r})",
+            "the transaction may or may not have committed; check with a fresh read once the server is back",
+        ) from first
+
+
+class PostgresOutbox:
+    """The outbox in PostgreSQL, shared by every peer (claimed with leases)."""
+
+    def __init__(self, peer: PostgresStorage) -> None:
+        self._peer = peer
+
+    def committed(self, t: int, entries: list[tuple[str, Any, Hashable | None]]) -> None:
+        return None  # committed with the transaction; the dispatcher's kick claims them
+
+    async def claim(self, limit: int, effects: Collection[str]) -> list[OutboxEntry]:
+        peer = self._peer
+        if peer.pool is None or peer._closing:
+            return []
+        try:
+            async with peer.pool.acquire() as conn:
+                rows = await conn.fetch(_CLAIM, limit, list(effects))
+        except _connection_errors():
+            return []
+        return [
+            OutboxEntry((r["t"], r["seq"]), r["effect"], codec.loads(r["payload"]), None, r["attempts"]) for r in rows
+        ]
+
+    async def _execute(self, query: str, *args: Any) -> str:
+        pool = self._peer.require_pool()
+        async with pool.acquire() as conn:
+            return str(await conn.execute(query, *args))
+
+    async def done(self, entry: OutboxEntry) -> None:
+        await self._execute("DELETE FROM astm_outbox WHERE t = $1 AND seq = $2", *entry.key)
+
+    async def retry(self, entry: OutboxEntry, error: str, delay: float) -> None:
+        await self._execute(
+            "UPDATE astm_outbox SET locked_until = NULL, next_at = now() + make_interval(secs => $3) "
+            "WHERE t = $1 AND seq = $2",
+            *entry.key,
+            delay,
+        )
+
+    async def dead(self, entry: OutboxEntry, error: str) -> None:
+        await self._execute(
+            "UPDATE astm_outbox SET locked_until = NULL, error = $3 WHERE t = $1 AND seq = $2",
+            *entry.key,
+            _text_safe(error),
+        )
+
+    async def requeue(self, key: Key | None) -> int:
+        if key is None:
+            done = await self._execute(
+                "UPDATE astm_outbox SET error = NULL, attempts = 0, next_at = now() WHERE error IS NOT NULL"
+            )
+        else:
+            done = await self._execute(
+                "UPDATE astm_outbox SET error = NULL, attempts = 0, next_at = now() "
+                "WHERE t = $1 AND seq = $2 AND error IS NOT NULL",
+                *key,
+            )
+            if done.split()[-1] == "0":
+                raise KeyError(f"no dead letter with key {key!r}")
+        return int(done.split()[-1])
+
+    async def dead_letters(self) -> list[OutboxEntry]:
+        pool = self._peer.require_pool()
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT t, seq, effect, payload, attempts, error FROM astm_outbox "
+                "WHERE error IS NOT NULL ORDER BY t, seq"
+            )
+        out = []
+        for r in rows:
+            entry = OutboxEntry((r["t"], r["seq"]), r["effect"], codec.loads(r["payload"]), None, r["attempts"])
+            entry.error = r["error"]
+            out.append(entry)
+        return out
+
+    async def pending(self, effects: Collection[str] | None = None) -> int:
+        pool = self._peer.require_pool()
+        async with pool.acquire() as conn:
+            if effects is None:
+                return int(await conn.fetchval("SELECT count(*) FROM astm_outbox WHERE error IS NULL"))
+            return int(
+                await conn.fetchval(
+                    "SELECT count(*) FROM astm_outbox WHERE error IS NULL AND effect = ANY($1)", list(effects)
+                )
+            )
+
+    def next_due(self) -> float | None:
+        if self._peer._closing:
+            return None
+        # other peers commit entries too, and nothing tells this one: look again soon
+        return time.monotonic() + OUTBOX_POLL_SECONDS

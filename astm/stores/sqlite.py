@@ -2,21 +2,26 @@
 
 ``Store("sqlite:///path/state.db")``. Refs, the commit log and the outbox live
 in the file (WAL mode, ``synchronous=FULL``). Commits are applied in memory
-under the store lock and queued, in ``t`` order, to a dedicated writer thread;
-the writer takes everything queued, appends it to the log in one SQLite
-transaction with one fsync, and then wakes the transactions waiting for that
-durability. The event loop never touches the disk after open.
+under the store's lock and queued, in ``t`` order, to a dedicated writer
+thread; the writer takes everything queued, appends it to the log in one
+SQLite transaction with one fsync, and then wakes the transactions waiting for
+that durability. The event loop never touches the disk after open.
 
 The file is log-structured: a commit appends one log row (its changes); the
-``refs`` table is a checkpoint of every ref's value, rewritten every
-``CHECKPOINT_EVERY`` commits and on close. Opening loads the checkpoint and
-replays the log rows after it. Log rows older than both the checkpoint and the
-store's history retention are deleted at checkpoints.
+``refs`` table is a checkpoint of every ref's value at ``checkpoint_t``,
+brought up to date every ``CHECKPOINT_EVERY`` commits and on close with every
+ref changed since the previous checkpoint. Opening loads the checkpoint and
+replays the log rows after it, and those replayed refs count as changed, so
+the next checkpoint writes them before it moves past their rows. Log rows
+older than both the checkpoint and the history retention are deleted at
+checkpoints.
 
-A lock file next to the database (``state.db.lock``) holds the owning process
-id, so a second process fails at once with a clear error. The file is checked
-read-only before anything writes to it: a file that is not an astm store, is
-corrupt or was written by a newer version is refused unchanged.
+A new file is built under a temporary name and renamed into place once
+complete, so a fault while creating it leaves no half-made store behind. A
+lock file next to the database (``state.db.lock``) holds the owning process
+id, so a second process fails at once with a clear error. An existing file is
+checked read-only before anything writes to it: a file that is not an astm
+store, is corrupt or was written by a newer version is refused unchanged.
 """
 
 from __future__ import annotations
@@ -30,13 +35,15 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 from .. import codec
 from .._backend import Waiter, fire_all
-from .._errors import StorageError
-from ..abc import CommitRecord, Recovered
+from .._errors import AstmError, CommitOutcomeUnknown, StorageError
+from ..abc import CommitRecord, Key, OutboxEntry, Recovered
+from .memory import MemoryOutbox
 
-__all__ = ["SCHEMA_VERSION", "SqliteStorage", "read_only"]
+__all__ = ["CHECKPOINT_EVERY", "SCHEMA_VERSION", "SqliteOutbox", "SqliteStorage", "load", "read_only", "state"]
 
 SCHEMA_VERSION = 1
 CHECKPOINT_EVERY = 1000
@@ -53,83 +60,168 @@ CREATE TABLE outbox (
 """
 
 #: an outbox operation for the writer: (kind, key, attempts, error)
-_OutboxOp = tuple[str, tuple[int, int], int, str | None]
+_OutboxOp = tuple[str, Key, int, str | None]
+
+
+def _check_path(path: str) -> Path:
+    """The store's path, refused clearly when it cannot be a store file."""
+    p = Path(path)
+    if p.is_symlink() and not p.exists():
+        raise StorageError(
+            path, f"the path is a symbolic link to {os.readlink(p)!r}, which does not exist", "fix or remove the link"
+        )
+    if p.is_dir():
+        raise StorageError(path, "the path is a directory", "give the path of a file, e.g. .../state.db")
+    return p
 
 
 def read_only(path: str) -> sqlite3.Connection:
     """Open an existing astm file read-only after checking it is one this version reads."""
-    p = Path(path)
+    p = _check_path(path)
     if not p.exists():
         raise StorageError(path, "no such file")
     try:
         conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise StorageError(path, f"cannot open the file ({exc})", "check its permissions") from exc
+    try:
         ok = conn.execute("PRAGMA quick_check").fetchone()[0]
-    except sqlite3.DatabaseError as exc:
+        if ok != "ok":
+            raise StorageError(path, f"the file is corrupt ({ok})", "restore it from a backup")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "astm_meta" not in tables:
+            raise StorageError(path, "this SQLite file is not an astm store", "point the store at another path")
+        row = conn.execute("SELECT value FROM astm_meta WHERE key = 'schema_version'").fetchone()
+        version = int(row[0]) if row else -1
+        if version != SCHEMA_VERSION:
+            raise StorageError(
+                path,
+                f"schema version {version} is not the version {SCHEMA_VERSION} this astm reads",
+                "open it with the astm version that wrote it",
+            )
+    except StorageError:
+        conn.close()
+        raise
+    except (sqlite3.Error, ValueError) as exc:
+        conn.close()
         raise StorageError(path, f"not a readable SQLite database ({exc})", "restore it from a backup") from exc
-    if ok != "ok":
-        conn.close()
-        raise StorageError(path, f"the file is corrupt ({ok})", "restore it from a backup")
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if "astm_meta" not in tables:
-        conn.close()
-        raise StorageError(path, "this SQLite file is not an astm store", "point the store at another path")
-    row = conn.execute("SELECT value FROM astm_meta WHERE key = 'schema_version'").fetchone()
-    version = int(row[0]) if row else -1
-    if version != SCHEMA_VERSION:
-        conn.close()
-        raise StorageError(
-            path,
-            f"schema version {version} is not the version {SCHEMA_VERSION} this astm reads",
-            "open it with the astm version that wrote it",
-        )
     return conn
 
 
-def load(conn: sqlite3.Connection) -> Recovered:
-    """Everything an astm file holds: the checkpoint with the log replayed over it, and the outbox."""
-    rec = Recovered()
-    checkpoint = int(conn.execute("SELECT value FROM astm_meta WHERE key = 'checkpoint_t'").fetchone()[0])
-    refs: dict[str, tuple[int, str]] = {
-        name: (t, value) for name, t, value in conn.execute("SELECT name, t, value FROM refs ORDER BY rowid")
-    }
-    rec.t = checkpoint
-    for t, when, changes in conn.execute("SELECT t, time, changes FROM log ORDER BY t"):
-        decoded = json.loads(changes)
-        rec.log.append((t, when, [(n, codec.decode(o), codec.decode(v)) for n, o, v in decoded]))
-        if t > checkpoint:
-            for n, _, v in decoded:
-                refs[n] = (t, json.dumps(v, separators=(",", ":"), ensure_ascii=False))
-            rec.t = t
-    rec.refs = [(name, t, codec.loads(enc), enc) for name, (t, enc) in refs.items()]
-    for t, seq, effect, payload, order_key, attempts, error in conn.execute(
-        "SELECT t, seq, effect, payload, order_key, attempts, error FROM outbox ORDER BY t, seq"
-    ):
-        ok = None if order_key is None else codec.loads(order_key)
-        rec.outbox.append(((t, seq), effect, codec.loads(payload), ok, attempts, error))
-    return rec
+def _is_empty_database(path: Path) -> bool:
+    """A SQLite file with no tables at all (what a creation cut short may leave): safe to build anew."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return bool(conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0)
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
+
+
+def load(conn: sqlite3.Connection, path: str = "") -> Recovered:
+    """What an astm file holds: the checkpoint and the log rows (decoded), as a store installs them."""
+    try:
+        rec = Recovered()
+        rec.checkpoint_t = int(conn.execute("SELECT value FROM astm_meta WHERE key = 'checkpoint_t'").fetchone()[0])
+        for name, t, value in conn.execute("SELECT name, t, value FROM refs ORDER BY rowid"):
+            rec.refs.append((name, t, codec.loads(value), value))
+        for t, when, changes in conn.execute("SELECT t, time, changes FROM log ORDER BY t"):
+            row = []
+            for n, o, v in json.loads(changes):
+                row.append((n, codec.decode(o), codec.decode(v), _text(v)))
+            rec.log.append((t, when, row))
+        return rec
+    except AstmError as exc:
+        raise StorageError(path, f"cannot read a stored value ({exc})", "import the modules that define it") from exc
+    except (sqlite3.Error, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise StorageError(path, f"the file is damaged ({exc!r})", "restore it from a backup") from exc
+
+
+def state(rec: Recovered) -> tuple[int, dict[str, tuple[int, Any]]]:
+    """The basis t and every ref's (t, value) that a store opened on ``rec`` would have."""
+    refs = {name: (t, value) for name, t, value, _ in rec.refs}
+    basis = rec.checkpoint_t
+    for t, _when, changes in rec.log:
+        if t > rec.checkpoint_t:
+            for name, _old, new, _enc in changes:
+                refs[name] = (t, new)
+            basis = t
+    return basis, refs
+
+
+def _text(encoded: Any) -> str:
+    """The codec text of an already parsed tagged value (as ``codec.dumps`` would write it)."""
+    return codec._utf8_safe(codec._dump_fast(encoded), encoded)
+
+
+def load_outbox(conn: sqlite3.Connection, path: str = "") -> list[tuple[OutboxEntry, bool]]:
+    """Every outbox entry in the file, oldest first: (entry, dead)."""
+    out = []
+    try:
+        for t, seq, effect, payload, order_key, attempts, error in conn.execute(
+            "SELECT t, seq, effect, payload, order_key, attempts, error FROM outbox ORDER BY t, seq"
+        ):
+            ok = None if order_key is None else codec.loads(order_key)
+            entry = OutboxEntry((t, seq), effect, codec.loads(payload), ok, attempts)
+            entry.error = error
+            out.append((entry, error is not None))
+    except AstmError as exc:
+        raise StorageError(path, f"cannot read a stored outbox entry ({exc})", "import the modules it needs") from exc
+    except (sqlite3.Error, ValueError) as exc:
+        raise StorageError(path, f"the file is damaged ({exc!r})", "restore it from a backup") from exc
+    return out
+
+
+class SqliteOutbox(MemoryOutbox):
+    """The SQLite store's outbox: entries in memory, every change also written to the file."""
+
+    def __init__(self, storage: SqliteStorage) -> None:
+        super().__init__()
+        self._storage = storage
+
+    def finish(self, entry: OutboxEntry, error: str | None) -> None:
+        super().finish(entry, error)
+        if error is None:
+            self._storage.outbox_op(("done", entry.key, 0, None))
+        else:
+            safe = error.encode("utf-8", "backslashreplace").decode("utf-8")  # it may quote user data
+            self._storage.outbox_op(("dead", entry.key, entry.attempts, safe))
+
+    def requeue_now(self, key: Key | None) -> list[Key]:
+        keys = super().requeue_now(key)
+        for k in keys:
+            self._storage.outbox_op(("requeue", k, 0, None))
+        return keys
 
 
 class SqliteStorage:
-    """The SQLite backend of a store (see the module docstring)."""
+    """The SQLite log and outbox storage of a store (see the module docstring)."""
+
+    encodes = True
 
     def __init__(self, path: str, *, history: int, history_seconds: float | None) -> None:
         self.path = str(Path(path))
         self.durable_t = 0
         self.failed: BaseException | None = None
+        #: commits up to this t may or may not be in the file after a failed write
+        self._unknown_upto = 0
         self._history = history
         self._history_seconds = history_seconds
         #: the retention floor the newest written commit reported
         self._floor = 0
-        #: the t of the refs table's checkpoint, and every ref's newest (t, value) since
+        #: the t of the refs table's checkpoint, and the newest (t, value) of every ref changed since
         self._checkpoint_t = 0
-        self._latest: dict[str, tuple[int, str]] = {}
-        self._dirty: set[str] = set()
+        self._dirty: dict[str, tuple[int, str]] = {}
         #: the writer is waiting for work (so a submit must wake it)
         self._idle = False
         self._queue: deque[CommitRecord | _OutboxOp] = deque()
         self._cv = threading.Condition()
         self._closing = False
         self._waiters: list[tuple[int, Waiter]] = []
+        self.outbox = SqliteOutbox(self)
+        _check_path(self.path)
         self._lockfile = self._take_lock()
         try:
             self._recovered = self._open()
@@ -142,8 +234,11 @@ class SqliteStorage:
     # -- opening -------------------------------------------------------------------
 
     def _take_lock(self) -> int:
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StorageError(self.path, f"cannot create the lock file ({exc})", "check the directory") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -158,8 +253,12 @@ class SqliteStorage:
                 f"the store is open in another process (pid {holder})",
                 "one process owns an embedded store; share state between processes with the PostgreSQL store",
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise StorageError(self.path, f"cannot write the lock file ({exc})", "check the disk") from exc
         return fd
 
     def _release_lock(self) -> None:
@@ -168,10 +267,37 @@ class SqliteStorage:
 
     def _open(self) -> Recovered:
         p = Path(self.path)
-        if not p.exists() or p.stat().st_size == 0:
-            conn = sqlite3.connect(self.path, isolation_level=None)
+        if not p.exists() or p.stat().st_size == 0 or _is_empty_database(p):
+            self._create(p)
+            return Recovered()
+        conn = read_only(self.path)
+        try:
+            rec = load(conn, self.path)
+            for entry, dead in load_outbox(conn, self.path):
+                self.outbox.recovered(entry, dead)
+        finally:
+            conn.close()
+        self._checkpoint_t = rec.checkpoint_t
+        self.durable_t = rec.checkpoint_t
+        for t, _when, changes in rec.log:
+            if t > rec.checkpoint_t:
+                # replayed on open: the refs table does not hold these values yet
+                for name, _old, _new, enc in changes:
+                    self._dirty[name] = (t, enc)
+                self.durable_t = t
+        return rec
+
+    def _create(self, p: Path) -> None:
+        """Build a new, empty store file under a temporary name, then move it into place."""
+        tmp = p.with_name(f".{p.name}.new-{os.getpid()}")
+        for stale in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm"), Path(f"{tmp}-journal")):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        try:
+            conn = sqlite3.connect(tmp, isolation_level=None)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("BEGIN")
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
@@ -180,23 +306,29 @@ class SqliteStorage:
                     "INSERT INTO astm_meta VALUES ('schema_version', ?), ('checkpoint_t', '0')", (str(SCHEMA_VERSION),)
                 )
                 conn.execute("COMMIT")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
                 conn.close()
-            return Recovered()
-        conn = read_only(self.path)
-        try:
-            return self._read(conn)
-        except (sqlite3.DatabaseError, ValueError, KeyError, TypeError) as exc:
-            raise StorageError(self.path, f"the file is damaged ({exc})", "restore it from a backup") from exc
-        finally:
-            conn.close()
-
-    def _read(self, conn: sqlite3.Connection) -> Recovered:
-        rec = load(conn)
-        self.durable_t = rec.t
-        self._checkpoint_t = int(conn.execute("SELECT value FROM astm_meta WHERE key = 'checkpoint_t'").fetchone()[0])
-        self._latest = {name: (t, enc) for name, t, _, enc in rec.refs}
-        return rec
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            for side in ("-wal", "-shm"):  # what a WAL file left would belong to the old name
+                with contextlib.suppress(FileNotFoundError):
+                    Path(f"{tmp}{side}").unlink()
+            os.replace(tmp, p)
+            dfd = os.open(p.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except (sqlite3.Error, OSError) as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StorageError(
+                self.path, f"creating the store file failed ({exc})", "check the disk (space, permissions) and retry"
+            ) from exc
 
     def recover(self) -> Recovered:
         rec, self._recovered = self._recovered, Recovered()
@@ -204,35 +336,28 @@ class SqliteStorage:
 
     # -- the writer ----------------------------------------------------------------
 
-    def submit(self, record: CommitRecord) -> None:
+    def submit(self, t: int, record: CommitRecord | None) -> None:
+        assert record is not None
         self._queue.append(record)  # deque.append is atomic; wake the writer only if it sleeps
         if self._idle:
             with self._cv:
                 self._cv.notify()
 
-    def _op(self, op: _OutboxOp) -> None:
+    def outbox_op(self, op: _OutboxOp) -> None:
         with self._cv:
             self._queue.append(op)
             self._cv.notify()
 
-    def outbox_done(self, key: tuple[int, int]) -> None:
-        self._op(("done", key, 0, None))
-
-    def outbox_dead(self, key: tuple[int, int], attempts: int, error: str) -> None:
-        self._op(("dead", key, attempts, error))
-
-    def outbox_requeued(self, key: tuple[int, int]) -> None:
-        self._op(("requeue", key, 0, None))
-
     def _run(self) -> None:
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except BaseException as exc:
+            self._fail(exc, 0)
+            return
+        top = 0
+        try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-        except BaseException as exc:  # pragma: no cover - the file was checked on open
-            self._fail(exc)
-            return
-        try:
             while True:
                 with self._cv:
                     # idle first, then look: a submit that appends after the look sees idle and notifies
@@ -245,33 +370,33 @@ class SqliteStorage:
                     batch.append(self._queue.popleft())
                 if not batch:
                     break  # closing, and everything is written
-                top = self._write(conn, batch)
+                top = max((item.t for item in batch if isinstance(item, CommitRecord)), default=0)
+                self._write(conn, batch)
                 if top:
                     self._durable(top)
-                if top > self._checkpoint_t + CHECKPOINT_EVERY:
-                    self._checkpoint(conn, top)
-            if self.durable_t > self._checkpoint_t:
+                if self.durable_t > self._checkpoint_t + CHECKPOINT_EVERY:
+                    top = 0
+                    self._checkpoint(conn, self.durable_t)
+            if self.durable_t > self._checkpoint_t or self._dirty:
+                top = 0
                 self._checkpoint(conn, self.durable_t)
         except BaseException as exc:
-            self._fail(exc)
+            self._fail(exc, top)
         finally:
-            conn.close()
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
-    def _write(self, conn: sqlite3.Connection, batch: list[CommitRecord | _OutboxOp]) -> int:
-        """Append a batch to the log in one transaction (one fsync); returns the newest t in it."""
-        top = 0
+    def _write(self, conn: sqlite3.Connection, batch: list[CommitRecord | _OutboxOp]) -> None:
+        """Append a batch to the log in one transaction (one fsync)."""
         log_rows = []
         outbox_rows = []
         ops: list[_OutboxOp] = []
-        latest = self._latest
         dirty = self._dirty
         for item in batch:
             if isinstance(item, CommitRecord):
-                top = item.t
                 parts = []
                 for name, old, new in item.changes:
-                    latest[name] = (item.t, new)
-                    dirty.add(name)
+                    dirty[name] = (item.t, new)
                     parts.append(f"[{json.dumps(name)},{old},{new}]")
                 log_rows.append((item.t, item.time, f"[{','.join(parts)}]"))
                 for seq, name, payload, ok in item.outbox:
@@ -301,7 +426,6 @@ class SqliteStorage:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise
-        return top
 
     def _checkpoint(self, conn: sqlite3.Connection, top: int) -> None:
         """Write every ref changed since the last checkpoint; drop log rows nobody needs.
@@ -321,7 +445,7 @@ class SqliteStorage:
             conn.executemany(
                 "INSERT INTO refs (name, t, value) VALUES (?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET t = excluded.t, value = excluded.value",
-                [(name, *self._latest[name]) for name in self._dirty],
+                [(name, t, enc) for name, (t, enc) in self._dirty.items()],
             )
             conn.execute("UPDATE astm_meta SET value = ? WHERE key = 'checkpoint_t'", (str(top),))
             conn.execute("DELETE FROM log WHERE t <= ?", (floor,))
@@ -340,17 +464,19 @@ class SqliteStorage:
             self._waiters = [(wt, w) for wt, w in self._waiters if wt > t]
         fire_all(ready)
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, upto: int) -> None:
+        """The writer stops: commits up to ``upto`` may or may not be in the file, later ones are not."""
         with self._cv:
             self.failed = exc
+            self._unknown_upto = max(upto, self.durable_t)
             waiters, self._waiters = self._waiters, []
-        for _, w in waiters:
-            w.fire()
+        fire_all(w for _, w in waiters)
 
     def refusal(self) -> StorageError:
         return StorageError(
             self.path,
-            f"writing to the file failed ({self.failed!r}) and the store accepts no more commits",
+            f"writing to the file failed earlier ({self.failed!r}), so the store accepts no more commits; "
+            "this transaction was not committed",
             "fix the cause (disk space, permissions) and open the store again; acknowledged commits are safe",
         )
 
@@ -363,14 +489,29 @@ class SqliteStorage:
                 return
             if self.failed is None:
                 self._waiters.append((t, w))
-        if self.failed is None:
-            await w.wait()
-        if self.durable_t < t:
-            raise StorageError(
+        try:
+            if self.failed is None:
+                await w.wait()
+        finally:
+            if not w.fired:  # cancelled: leave no waiter behind for the writer to fire
+                with self._cv, contextlib.suppress(ValueError):
+                    self._waiters.remove((t, w))
+        if self.durable_t >= t:
+            return
+        if t <= self._unknown_upto:
+            raise CommitOutcomeUnknown(
                 self.path,
-                f"commit t={t} could not be made durable ({self.failed!r})",
-                "the store stopped accepting commits; fix the cause and reopen it",
+                f"writing commit t={t} to the file failed ({self.failed!r}): its outcome is unknown, it may or may "
+                "not be there after the store is reopened",
+                "the store accepts no more commits; fix the cause (disk space, permissions), reopen it and read "
+                "the state before running the transaction again",
             )
+        raise StorageError(
+            self.path,
+            f"commit t={t} was not written: writing an earlier commit failed ({self.failed!r}); "
+            "it was not committed and will not be there after the store is reopened",
+            "fix the cause (disk space, permissions) and reopen the store",
+        )
 
     def close(self) -> None:
         """Write what is queued and a final checkpoint, then release the file."""

@@ -1,0 +1,92 @@
+"""Collection helpers that keep changes to large values cheap: ``conj``, ``assoc``, ``dissoc``, ``disj``.
+
+They are plain functions on astm's immutable collections (pyrsistent
+``pvector``/``pmap``/``pset``, ``tuple``, ``frozenset``), named after
+Clojure's. Passed to ``alter`` or ``commute`` (``ledger.commute(astm.conj,
+sale)``), they tell astm what changed: only the new parts (``sale``) are
+checked for immutability, so the cost of the change does not grow with the
+collection, where an arbitrary function's result must be checked whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
+from pyrsistent import pmap, pset, pvector
+
+from ._values import check_value
+
+__all__ = ["STRUCTURAL", "assoc", "check_args", "conj", "disj", "dissoc"]
+
+C = TypeVar("C")
+
+_PMAP: type = type(pmap())
+_PVECTOR: type = type(pvector())
+_PSET: type = type(pset())
+
+
+def conj(coll: C, *items: Any) -> C:
+    """``coll`` with ``items`` added: appended to a pvector or tuple, added to a pset or frozenset.
+
+    For a pmap each item is a ``(key, value)`` pair.
+    """
+    t = type(coll)
+    out: Any = coll
+    if t is _PVECTOR:
+        return out.extend(items) if len(items) != 1 else out.append(items[0])  # type: ignore[no-any-return]
+    if t is tuple:
+        return out + items  # type: ignore[no-any-return]
+    if t is _PSET:
+        for x in items:
+            out = out.add(x)
+        return out  # type: ignore[no-any-return]
+    if t is frozenset:
+        return out.union(items)  # type: ignore[no-any-return]
+    if t is _PMAP:
+        for k, v in items:
+            out = out.set(k, v)
+        return out  # type: ignore[no-any-return]
+    raise TypeError(f"conj(coll, ...): coll must be a pvector, tuple, pset, frozenset or pmap, got {t.__qualname__}")
+
+
+def assoc(coll: C, key: Any, value: Any) -> C:
+    """``coll`` with ``key`` set to ``value``: a pmap key, or a pvector index."""
+    t = type(coll)
+    if t is _PMAP or t is _PVECTOR:
+        return coll.set(key, value)  # type: ignore[attr-defined, no-any-return]
+    raise TypeError(f"assoc(coll, key, value): coll must be a pmap or pvector, got {t.__qualname__}")
+
+
+def dissoc(coll: C, *keys: Hashable) -> C:
+    """``coll`` without these keys (a pmap; absent keys are ignored)."""
+    if type(coll) is not _PMAP:
+        raise TypeError(f"dissoc(coll, ...): coll must be a pmap, got {type(coll).__qualname__}")
+    out: Any = coll
+    for k in keys:
+        out = out.discard(k)
+    return out  # type: ignore[no-any-return]
+
+
+def disj(coll: C, *items: Hashable) -> C:
+    """``coll`` without these items (a pset or frozenset; absent items are ignored)."""
+    t = type(coll)
+    out: Any = coll
+    if t is _PSET:
+        for x in items:
+            out = out.discard(x)
+        return out  # type: ignore[no-any-return]
+    if t is frozenset:
+        return out.difference(items)  # type: ignore[no-any-return]
+    raise TypeError(f"disj(coll, ...): coll must be a pset or frozenset, got {t.__qualname__}")
+
+
+#: the helpers whose result is immutable whenever their collection and arguments are
+STRUCTURAL: frozenset[Callable[..., Any]] = frozenset({conj, assoc, dissoc, disj})
+
+
+def check_args(fn: Callable[..., Any], args: tuple[Any, ...], name: str) -> None:
+    """Check what a structural helper adds to an already checked collection."""
+    if fn is conj or fn is assoc:
+        for a in args:
+            check_value(a, name)
