@@ -138,9 +138,10 @@ class CodecError(AstmError, TypeError):
         super().__init__(
             message
             or (
-                f"{where}: cannot store a value of type {type(value).__module__}.{type(value).__qualname__}; "
-                "durable stores accept None, bool, int, float, str, bytes, Decimal, datetime/date/time, "
-                "UUID, tuple, frozenset, pyrsistent pmap/pvector/pset, frozen dataclasses, and types "
+                f"{where}: cannot keep a value of type {type(value).__module__}.{type(value).__qualname__}; "
+                "every store accepts None, bool, int, float, str, bytes, Decimal, datetime/date/time, "
+                "UUID, tuple, frozenset, pyrsistent pmap/pvector/pset/PRecord/PClass, frozen dataclasses, "
+                "NamedTuples, Enum members, and types "
                 "registered with astm.codec.register(...). Nothing was committed"
             )
         )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import random
 import threading
 import tracemalloc
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import pytest
@@ -17,6 +18,19 @@ import astm
 
 def append(state: PVector[Any], item: Any) -> PVector[Any]:
     return state.append(item)
+
+
+def boom(state: Any) -> Any:
+    raise ValueError("bad action")
+
+
+#: astm/_store.py passes error_mode="fail" to AgentFamily unless it defaults it to None
+STORE_DEFAULTS_FAIL = inspect.signature(astm.Store.agent).parameters["error_mode"].default == "fail"
+needs_store_default = pytest.mark.xfail(
+    STORE_DEFAULTS_FAIL,
+    reason="Store.agent/agents still default error_mode to 'fail' (astm/_store.py must default it to None)",
+    strict=True,
+)
 
 
 class TestOrder:
@@ -227,6 +241,112 @@ class TestHeldSends:
         assert b.state == 0
 
 
+class TestHandlerSends:
+    """Sends made by an error handler are dispatched (Clojure's Agent.java releases them), not dropped."""
+
+    @pytest.mark.parametrize("mode", ["fail", "continue"])
+    async def test_handler_send_to_another_agent_runs(
+        self, store: astm.Store, mode: Literal["fail", "continue"]
+    ) -> None:
+        """The handler's send to another agent runs in either mode; the failed action's own sends do not."""
+        audit: astm.Agent[tuple[Any, ...]] = store.agent("audit", ())
+        other: astm.Agent[tuple[Any, ...]] = store.agent("other", ())
+
+        def failing(state: int) -> int:
+            other.send(lambda s: (*s, "from the failed action"))
+            raise ValueError("no")
+
+        def handler(agent: astm.Agent[int], exc: BaseException) -> None:
+            audit.send(lambda s, e: (*s, (agent.name, repr(e))), exc)
+
+        a = store.agent("a", 0, error_mode=mode, error_handler=handler)
+        a.send(failing)
+        with anyio.fail_after(5):
+            while not audit.state:
+                await anyio.sleep(0.001)
+        await audit.wait()
+        await other.wait()
+        assert audit.state == (("a", "ValueError('no')"),)
+        assert other.state == ()
+        assert (a.error is not None) == (mode == "fail")
+
+    async def test_handler_send_to_itself_in_continue_mode(self, store: astm.Store) -> None:
+        """In continue mode the handler's send to the failing agent itself runs after the failed action."""
+
+        def handler(agent: astm.Agent[tuple[Any, ...]], exc: BaseException) -> None:
+            agent.send(lambda s: (*s, "from the handler"))
+
+        a: astm.Agent[tuple[Any, ...]] = store.agent("a", (), error_mode="continue", error_handler=handler)
+        gate = anyio.Event()
+
+        async def first(state: tuple[Any, ...]) -> tuple[Any, ...]:
+            await gate.wait()
+            raise ValueError("no")
+
+        a.send(first)
+        a.send(lambda s: (*s, "sent before the failure"))
+        gate.set()
+        await a.wait()
+        await a.wait()  # the handler's send was counted after the first wait() began
+        assert a.error is None
+        assert a.state == ("sent before the failure", "from the handler")
+
+    async def test_handler_send_to_itself_in_fail_mode_waits_for_restart(self, store: astm.Store) -> None:
+        """In fail mode the handler's send to itself is queued behind the failure: it runs after restart (Clojure)."""
+
+        def handler(agent: astm.Agent[tuple[Any, ...]], exc: BaseException) -> None:
+            agent.send(lambda s: (*s, "from the handler"))
+
+        a: astm.Agent[tuple[Any, ...]] = store.agent("a", (), error_mode="fail", error_handler=handler)
+        a.send(boom)
+        with pytest.raises(astm.AgentFailed):
+            await a.wait()
+        state_at_failure: tuple[Any, ...] = a.state
+        assert isinstance(a.error, ValueError) and state_at_failure == ()
+        with pytest.raises(astm.AgentFailed):
+            a.send(lambda s: (*s, "refused"))
+        a.restart(("restarted",))
+        await a.wait()
+        assert a.state == ("restarted", "from the handler") and a.error is None
+
+    async def test_handler_send_to_itself_dropped_by_restart_clearing_actions(self, store: astm.Store) -> None:
+        """restart(clear_actions=True) drops the handler's queued send to itself too."""
+
+        def handler(agent: astm.Agent[tuple[Any, ...]], exc: BaseException) -> None:
+            agent.send(lambda s: (*s, "from the handler"))
+
+        a: astm.Agent[tuple[Any, ...]] = store.agent("a", (), error_mode="fail", error_handler=handler)
+        a.send(boom)
+        with pytest.raises(astm.AgentFailed):
+            await a.wait()
+        a.restart(("restarted",), clear_actions=True)
+        await a.wait()
+        await anyio.sleep(0.01)
+        assert a.state == ("restarted",)
+
+    async def test_async_handler_is_awaited_and_its_sends_run(self, store: astm.Store) -> None:
+        """An async error handler is awaited before the queue goes on; its sends are dispatched."""
+        seen: list[str] = []
+        other: astm.Agent[tuple[Any, ...]] = store.agent("other", ())
+
+        async def handler(agent: astm.Agent[int], exc: BaseException) -> None:
+            await anyio.sleep(0.005)
+            seen.append(f"handled {exc}")
+            other.send(lambda s: (*s, "from the async handler"))
+
+        def after(state: int) -> int:
+            seen.append("next action")
+            return state + 1
+
+        a = store.agent("a", 0, error_mode="continue", error_handler=handler)
+        a.send(boom)
+        a.send(after)
+        await a.wait()
+        await other.wait()
+        assert seen == ["handled bad action", "next action"]
+        assert a.state == 1 and other.state == ("from the async handler",)
+
+
 class TestErrors:
     async def test_fail_mode_refuses_until_restart(self, store: astm.Store) -> None:
         """In fail mode a failed agent keeps its queue, refuses sends with AgentFailed, and resumes on restart."""
@@ -262,6 +382,61 @@ class TestErrors:
         a.restart(5, clear_actions=True)
         await a.wait()
         assert a.state == 5
+
+    def test_handler_defaults_to_continue_mode(self, store: astm.Store) -> None:
+        """An agent family given an error handler and no mode continues (Clojure's default); without one it fails."""
+        with_handler = astm.AgentFamily(store, "h", 0, error_handler=lambda ag, e: None)
+        without = astm.AgentFamily(store, "n", 0)
+        explicit = astm.AgentFamily(store, "e", 0, "fail", lambda ag, e: None)
+        assert with_handler.error_mode == "continue" and with_handler[1].error_mode == "continue"
+        assert without.error_mode == "fail" and without[1].error_handler is None
+        assert explicit.error_mode == "fail"
+
+    @needs_store_default
+    async def test_store_agent_with_handler_keeps_going(self, store: astm.Store) -> None:
+        """store.agent(..., error_handler=h) without a mode keeps running after a failure; the next send is accepted."""
+        seen: list[BaseException] = []
+        a = store.agent("a", 0, error_handler=lambda ag, e: seen.append(e))
+        fam = store.agents("fam", 0, error_handler=lambda ag, e: seen.append(e))
+        assert a.error_mode == "continue" and fam.error_mode == "continue"
+        for agent in (a, fam["k"]):
+            agent.send(boom)
+            await agent.wait()
+            agent.send(lambda s: s + 1)  # would raise AgentFailed in fail mode
+            await agent.wait()
+            assert agent.state == 1 and agent.error is None
+        assert [str(e) for e in seen] == ["bad action", "bad action"]
+
+    async def test_explicit_fail_mode_wins_over_handler(self, store: astm.Store) -> None:
+        """An explicit error_mode="fail" with a handler calls the handler, then stops the agent."""
+        seen: list[BaseException] = []
+        a = store.agent("a", 0, error_mode="fail", error_handler=lambda ag, e: seen.append(e))
+        assert a.error_mode == "fail" and a.error_handler is not None
+        a.send(boom)
+        with pytest.raises(astm.AgentFailed):
+            await a.wait()
+        assert len(seen) == 1 and a.error is seen[0]
+        with pytest.raises(astm.AgentFailed):
+            a.send(lambda s: s + 1)
+
+    async def test_base_exception_fails_the_agent_instead_of_wedging_it(self, store: astm.Store) -> None:
+        """An action raising a BaseException (not an Exception) fails the agent: wait() raises, restart() resumes it."""
+
+        class Fatal(BaseException):
+            pass
+
+        def fatal(state: int) -> int:
+            raise Fatal()
+
+        a = store.agent("a", 0, error_mode="continue")
+        a.send(fatal)
+        a.send(lambda s: s + 10)
+        with pytest.raises(astm.AgentFailed), anyio.fail_after(5):
+            await a.wait()
+        assert isinstance(a.error, Fatal)
+        a.restart(1)
+        await a.wait()
+        assert a.state == 11 and a.error is None
 
     async def test_continue_mode_and_handler(self, store: astm.Store) -> None:
         """In continue mode the handler sees the error and later actions still run."""
