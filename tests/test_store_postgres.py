@@ -145,6 +145,62 @@ class TestPeers:
             await store.atomically(lambda: r.set(1))
 
 
+class TestCommitOutcomes:
+    async def test_cancelling_one_caller_leaves_every_other_commit_alone(self, pg_dsn: str) -> None:
+        """Callers cancelled while their batch is in flight change nothing for the others: each gets its own t."""
+        async with astm.Store(pg_dsn) as store:
+            refs = [store.ref(f"r{i}", 0) for i in range(40)]
+            acked: dict[int, int] = {}
+            cancelled: list[int] = []
+
+            async def one(i: int, deadline: float | None) -> None:
+                with anyio.move_on_after(deadline) as scope:
+                    acked[i] = (await store.transact(lambda: refs[i].set(i + 1))).t
+                if scope.cancelled_caught:
+                    cancelled.append(i)
+
+            for round_ in range(4):
+                async with anyio.create_task_group() as tg:
+                    for i in range(round_ * 10, round_ * 10 + 10):
+                        # every third caller is cancelled a moment after it queued, often mid-flight
+                        tg.start_soon(one, i, 0.0005 * (1 + round_) if i % 3 == 0 else None)
+            assert cancelled, "no caller was cancelled; the test proves nothing"
+            assert set(acked) | set(cancelled) == set(range(40)) and not set(acked) & set(cancelled)
+            rows = {t: changes for t, changes in await _log_rows(pg_dsn)}
+            for i, t in acked.items():  # every acknowledged commit is in the log, exactly as acknowledged
+                assert rows[t] == [[f"r{i}", 0, i + 1]], (i, t, rows.get(t))
+            names = [changes[0][0] for changes in rows.values()]
+            assert len(names) == len(set(names)), "a commit was applied twice"
+
+    async def test_an_unresolved_commit_is_fenced_and_can_never_apply(self, pg_dsn: str) -> None:
+        """Once a lost commit is answered "not committed", the orphaned request is refused if it arrives later."""
+        import uuid
+
+        from astm.stores.postgres import _COMMIT
+
+        async with astm.Store(pg_dsn) as store:
+            r = store.ref("r", 0)
+            assert store._peer is not None
+            orphan = uuid.uuid4()
+            [answer] = await store._peer.committer.resolve([orphan], ConnectionResetError("dropped"))
+            assert isinstance(answer, astm.StorageError) and "not committed" in str(answer)
+            # a pooler (or a slow server) now runs the request that was sent before the connection dropped
+            late = {
+                "id": str(orphan), "time": 0.0, "reads": [], "commutes": [],
+                "writes": [{"name": "r", "value": "5"}], "changes": '[["r",0,5]]', "outbox": [],
+            }  # fmt: skip
+            conn = await asyncpg.connect(pg_dsn)
+            try:
+                [result] = json.loads(await conn.fetchval(_COMMIT, json.dumps([late])))
+                assert result["status"] == "fenced"
+                assert await conn.fetchval("SELECT count(*) FROM astm_log WHERE tx_id = $1", orphan) == 0
+                assert await conn.fetchval("SELECT count(*) FROM astm_refs WHERE name = 'r'") == 0
+            finally:
+                await conn.close()
+            await store.atomically(lambda: r.set(1))
+            assert (await store.sync(1)).t == 1 and r.get() == 1
+
+
 class TestProcesses:
     async def test_read_your_writes_across_processes(self, pg_dsn: str) -> None:
         """A t committed by another process is readable here after sync(t)."""

@@ -255,3 +255,179 @@ class TestWriterFailure:
         monkeypatch.undo()
         async with astm.Store(f"sqlite:///{tmp_path / 's.db'}") as again:
             assert again.ref("r", 0).get() == 1 and again.t == 1  # only what was acknowledged
+
+
+@pytest.fixture
+def slow_writer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write batch of the SQLite writer takes 0.2 s more: commits wait for durability that long."""
+    import time as _time
+
+    from astm.stores.sqlite import SqliteStorage
+
+    write = SqliteStorage._write
+
+    def slow(self: SqliteStorage, conn: Any, batch: Any) -> None:
+        _time.sleep(0.2)
+        write(self, conn, batch)
+
+    monkeypatch.setattr(SqliteStorage, "_write", slow)
+
+
+def _in_own_loop(backend: str, fn: Any) -> Any:
+    """Run ``fn()`` to completion in a new thread with its own event loop, which then ends."""
+    import threading
+
+    out: list[Any] = []
+
+    def main() -> None:
+        try:
+            out.append(anyio.run(fn, backend=backend))
+        except BaseException as exc:
+            out.append(exc)
+
+    th = threading.Thread(target=main)
+    th.start()
+    th.join()
+    return out[0]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+class TestWaitersOfEndedLoops:
+    def test_a_cancelled_durability_wait_leaves_the_writer_working(
+        self, tmp_path: Path, slow_writer: None, backend: str
+    ) -> None:
+        """A commit cancelled while waiting for the disk, in a thread whose loop then ends, harms no later commit."""
+        url = f"sqlite:///{tmp_path / 's.db'}"
+        store = astm.Store(url)
+        r = store.ref("r", 0)
+
+        async def cancelled() -> None:
+            with anyio.move_on_after(0.05):
+                await store.atomically(lambda: r.set(1))
+
+        assert _in_own_loop(backend, cancelled) is None
+        import time as _time
+
+        _time.sleep(0.3)  # the writer finishes that batch now, and fires what it has
+
+        async def more() -> None:
+            for i in range(2, 5):
+                await store.atomically(lambda i=i: r.set(i))
+            await store.aclose()
+
+        anyio.run(more)
+
+        async def reopen() -> tuple[int, int]:
+            async with astm.Store(url) as again:
+                return again.t, again.ref("r", 0).get()
+
+        assert anyio.run(reopen) == (4, 4)
+
+    def test_a_timed_out_sync_in_an_ended_loop_makes_no_commit_raise(self, tmp_path: Path, backend: str) -> None:
+        """sync(t, timeout) that timed out in a finished loop leaves nothing for the next commit to trip on."""
+        store = astm.Store(f"sqlite:///{tmp_path / 's.db'}")
+        r = store.ref("r", 0)
+
+        async def behind() -> None:
+            await store.sync(store.t + 5, timeout=0.02)
+
+        assert isinstance(_in_own_loop(backend, behind), astm.SyncTimeout)
+
+        async def commit() -> int:
+            rep = await store.transact(lambda: r.set(1))
+            await store.aclose()
+            return rep.t
+
+        assert anyio.run(commit) == 1
+
+
+class TestCancelledReports:
+    async def test_cancelled_transact_releases_its_history_pins(self, tmp_path: Path, slow_writer: None) -> None:
+        """transact() cancelled during the durability wait keeps no pin: the in-memory log shrinks again."""
+        import gc
+
+        async with astm.Store(f"sqlite:///{tmp_path / 's.db'}", history=4) as store:
+            r = store.ref("r", 0)
+            for i in range(6):
+                with anyio.move_on_after(0.02):
+                    await store.transact(lambda i=i: r.set(i))
+            await anyio.sleep(0.3)  # the writer catches up; nothing of the cancelled calls is running
+            gc.collect()
+            with store._lock:
+                assert store._timeline.pinned_count() == 0
+            for i in range(20):  # trimming goes on past the cancelled commits
+                await store.atomically(lambda i=i: r.set(i), retry_limit=5)
+            assert len(store._timeline.log) <= 4 + 4
+
+
+class TestCreation:
+    def test_a_fault_while_creating_leaves_no_half_made_store(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A failure while the new file is built is a StorageError, leaves no file, and the next open works."""
+        import os
+
+        path = tmp_path / "s.db"
+
+        def full(src: Any, dst: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "replace", full)
+        with pytest.raises(astm.StorageError, match=r"creating the store file failed.*No space left"):
+            astm.Store(f"sqlite:///{path}")
+        monkeypatch.undo()
+        assert not path.exists() and [p.name for p in tmp_path.iterdir()] == ["s.db.lock"]
+        anyio.run(astm.Store(f"sqlite:///{path}").aclose)
+        assert path.exists()
+
+    def test_an_empty_database_left_by_an_old_creation_is_built_anew(self, tmp_path: Path) -> None:
+        """A SQLite file with no tables at all (a creation cut short) is made a store, not refused as foreign."""
+        path = tmp_path / "s.db"
+        conn = sqlite3.connect(path)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.close()
+
+        async def use() -> int:
+            async with astm.Store(f"sqlite:///{path}") as store:
+                return (await store.transact(lambda: store.ref("r", 0).set(1))).t
+
+        assert anyio.run(use) == 1
+
+    def test_paths_that_cannot_be_a_store(self, tmp_path: Path) -> None:
+        """A dangling symlink or a directory as the path gives a StorageError saying so."""
+        link = tmp_path / "link.db"
+        link.symlink_to(tmp_path / "missing" / "target.db")
+        with pytest.raises(astm.StorageError, match="symbolic link"):
+            astm.Store(f"sqlite:///{link}")
+        with pytest.raises(astm.StorageError, match="is a directory"):
+            astm.Store(f"sqlite:///{tmp_path}")
+
+
+class TestCliOnDamagedFiles:
+    @pytest.mark.parametrize("damage", ["log-row", "value", "meta"])
+    def test_damage_is_an_error_line_not_a_traceback(self, tmp_path: Path, damage: str) -> None:
+        """inspect and dump on a damaged file print one error line and exit 1."""
+        path = tmp_path / "s.db"
+
+        async def make() -> None:
+            async with astm.Store(f"sqlite:///{path}") as s:
+                r = s.ref("r", 0)
+                await s.atomically(lambda: r.set(1))
+
+        anyio.run(make)
+        conn = sqlite3.connect(path)
+        if damage == "log-row":
+            conn.execute("UPDATE log SET changes = '[[\"r\", 0'")
+        elif damage == "value":
+            conn.execute("""UPDATE refs SET value = '{"zz": 1}'""")
+            conn.execute("INSERT INTO refs VALUES ('q', 1, '{\"zz\": 1}')")
+        else:
+            conn.execute("DELETE FROM astm_meta WHERE key = 'checkpoint_t'")
+        conn.commit()
+        conn.close()
+        for command in ("inspect", "dump"):
+            out = subprocess.run([sys.executable, "-m", "astm", command, str(path)], capture_output=True, text=True)
+            assert out.returncode == 1, out
+            assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr, out.stderr
+        with pytest.raises(astm.StorageError):
+            astm.Store(f"sqlite:///{path}")

@@ -388,6 +388,74 @@ class TestCancellation:
         assert hot.get() == committed + 1
 
 
+class TestEndedAttempts:
+    async def test_a_task_that_outlives_the_body_cannot_write(self, store: astm.Store) -> None:
+        """A task spawned in a body writing after the commit gets TransactionEndedError: nothing vanishes silently."""
+        r = store.ref("r", 0)
+        errors: list[BaseException] = []
+
+        async def late() -> None:
+            await anyio.sleep(0.02)
+            for op in (lambda: r.set(99), lambda: r.alter(lambda v: v + 1), lambda: r.commute(lambda v: v + 1)):
+                try:
+                    op()
+                except astm.TransactionEndedError as exc:
+                    errors.append(exc)
+            try:
+                astm.after_commit(print, "never")
+            except astm.TransactionEndedError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+
+            def body() -> None:
+                r.set(1)
+                tg.start_soon(late)
+
+            await store.atomically(body)
+        assert len(errors) == 4 and "must finish before the body returns" in str(errors[0])
+        assert r.get() == 1 and store.t == 1
+        assert not astm.in_transaction()
+
+    async def test_a_task_from_a_retried_attempt_cannot_write_into_the_next(self, store: astm.Store) -> None:
+        """A write from a task of attempt 1, made while attempt 2 runs, raises instead of joining attempt 2's commit."""
+        r, s = store.ref("r", 0), store.ref("s", 0)
+        attempts = 0
+        errors: list[BaseException] = []
+
+        async def late() -> None:
+            await anyio.sleep(0.03)
+            try:
+                s.set(99)
+            except astm.TransactionEndedError as exc:
+                errors.append(exc)
+
+        go = anyio.Event()
+
+        async def other_writer() -> None:  # started outside the transaction: a separate commit
+            await go.wait()
+            await store.atomically(lambda: r.set(5))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other_writer)
+
+            async def body() -> None:
+                nonlocal attempts
+                attempts += 1
+                r.get()
+                if attempts == 1:
+                    tg.start_soon(late)
+                    go.set()
+                    await anyio.sleep(0.01)  # that commit lands: this attempt will conflict
+                else:
+                    await anyio.sleep(0.05)  # the late task writes while this attempt runs
+                r.alter(lambda v: v + 1)
+
+            await store.atomically(body)
+        assert attempts == 2 and len(errors) == 1
+        assert (r.get(), s.get()) == (6, 0)
+
+
 class TestThreads:
     def test_two_threads_two_loops_keep_total(self) -> None:
         """Two threads, each with its own event loop, transfer on one store; the total holds."""

@@ -589,7 +589,13 @@ class PostgresCommitter:
             async with pool.acquire() as conn:
                 return list(json.loads(await conn.fetchval(_COMMIT, json.dumps(payloads))))
         except errors as exc:
-            first = exc
+            return await self.resolve(ids, exc)
+
+    async def resolve(self, ids: list[uuid.UUID], first: BaseException) -> list[Any]:
+        """The outcome of each commit whose connection dropped: committed (its t), or fenced and not committed."""
+        peer = self._peer
+        pool = peer.require_pool()
+        errors = _connection_errors()
         deadline = time.monotonic() + RESOLVE_SECONDS
         while time.monotonic() < deadline:
             await anyio.sleep(0.1)
