@@ -396,7 +396,8 @@ class TestEndedAttempts:
 
         async def late() -> None:
             await anyio.sleep(0.02)
-            for op in (lambda: r.set(99), lambda: r.alter(lambda v: v + 1), lambda: r.commute(lambda v: v + 1)):
+            ops: list[Any] = [lambda: r.set(99), lambda: r.alter(lambda v: v + 1), lambda: r.commute(lambda v: v + 1)]
+            for op in ops:
                 try:
                     op()
                 except astm.TransactionEndedError as exc:
