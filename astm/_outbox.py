@@ -136,6 +136,8 @@ class Outbox:
         self._sleeper: Waiter | None = None
         self._finished: list[Waiter] = []
         self._stopping = False
+        #: the cancel scopes of deliveries in flight (closing cancels them)
+        self._scopes: set[anyio.CancelScope] = set()
 
     def effect(
         self,
@@ -186,13 +188,28 @@ class Outbox:
         if start:
             spawn(self._dispatch)
 
-    def stop(self) -> None:
-        """Stop dispatching (the store is closing); deliveries in flight finish."""
+    async def close(self) -> None:
+        """Stop dispatching; deliveries still in flight are cancelled and their entries handed back.
+
+        A handed-back entry stays pending in a durable store (delivered after
+        the next open, or by another peer), with the same key.
+        """
         with self._lock:
             self._stopping = True
             sleeper = self._sleeper
+            scopes = list(self._scopes)
         if sleeper is not None:
             sleeper.fire()
+        for scope in scopes:
+            scope.cancel()
+        while True:
+            w = Waiter()
+            with self._lock:
+                if self._inflight == 0:
+                    return
+                self._finished.append(w)
+            with anyio.move_on_after(_DRAIN_POLL):
+                await w.wait()
 
     # -- the dispatcher ------------------------------------------------------------------
 
@@ -235,28 +252,43 @@ class Outbox:
     async def _deliver(self, entry: OutboxEntry) -> None:
         storage = self._storage
         eff = self._effects[entry.effect]
+        scope = anyio.CancelScope()
+        with self._lock:
+            self._scopes.add(scope)
         try:
-            try:
-                await eff.handler(entry.payload, key=entry.key)
-            except Exception as exc:
-                entry.exc = exc
-                if entry.attempts >= eff.max_attempts:
-                    log.warning(
-                        "effect %r gave up on %s after %d attempts: %r", entry.effect, entry.key, entry.attempts, exc
-                    )
-                    await storage.dead(entry, repr(exc))
+            with scope:
+                try:
+                    await eff.handler(entry.payload, key=entry.key)
+                except Exception as exc:
+                    entry.exc = exc
+                    if entry.attempts >= eff.max_attempts:
+                        log.warning(
+                            "effect %r gave up on %s after %d attempts: %r",
+                            entry.effect,
+                            entry.key,
+                            entry.attempts,
+                            exc,
+                        )
+                        await storage.dead(entry, repr(exc))
+                    else:
+                        delay = backoff_delay(eff.backoff, eff.max_backoff, entry.attempts)
+                        await storage.retry(entry, repr(exc), delay)
                 else:
-                    await storage.retry(entry, repr(exc), backoff_delay(eff.backoff, eff.max_backoff, entry.attempts))
-            else:
-                await storage.done(entry)
-                with self._lock:
-                    self._delivered += 1
+                    await storage.done(entry)
+                    with self._lock:
+                        self._delivered += 1
+                    return
+                return
+            # cancelled (the store is closing, or the loop is ending): hand the entry back
+            with anyio.CancelScope(shield=True):
+                await storage.retry(entry, "the delivery was cancelled", 0.0)
         except BaseException:
-            with anyio.CancelScope(shield=True):  # cancelled mid-delivery (the loop is ending): hand it back
+            with anyio.CancelScope(shield=True):
                 await storage.retry(entry, "the delivery was cancelled", 0.0)
             raise
         finally:
             with self._lock:
+                self._scopes.discard(scope)
                 self._inflight -= 1
                 finished, self._finished = self._finished, []
             for w in finished:

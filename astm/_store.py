@@ -455,7 +455,7 @@ class Store:
                 await fam._drained()
             if self._peer is None:
                 await self.outbox.drain()
-        self.outbox.stop()
+        await self.outbox.close()
         self._timeline.wake_all()
         if self._peer is not None:
             await self._peer.close()

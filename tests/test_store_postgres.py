@@ -26,6 +26,10 @@ Key = tuple[int, int]
 
 
 class TestPostgresStore(DurableStoreConformance):
+    @pytest.fixture(params=["asyncio"])  # asyncpg runs on asyncio only
+    def backend(self, request: pytest.FixtureRequest) -> str:
+        return str(request.param)
+
     @pytest.fixture(autouse=True)
     def _db(self, pg_dsn: str) -> None:
         self.dsn = pg_dsn
