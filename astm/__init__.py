@@ -13,6 +13,7 @@ from ._db import Change as Change
 from ._db import Db as Db
 from ._db import TxReport as TxReport
 from ._errors import AgentFailed as AgentFailed
+from ._errors import AgentWaitError as AgentWaitError
 from ._errors import AstmError as AstmError
 from ._errors import AtomInTransactionError as AtomInTransactionError
 from ._errors import CodecError as CodecError
@@ -54,6 +55,7 @@ __all__ = [
     "Agent",
     "AgentFailed",
     "AgentFamily",
+    "AgentWaitError",
     "AstmError",
     "Atom",
     "AtomInTransactionError",

@@ -32,8 +32,8 @@ import anyio
 import anyio.to_thread
 
 from ._backend import Waiter, spawn
-from ._errors import AgentFailed, StoreClosed
-from ._tx import _current
+from ._errors import AgentFailed, AgentWaitError, StoreClosed
+from ._tx import _current, in_transaction
 
 if TYPE_CHECKING:
     from ._store import Store
@@ -235,6 +235,10 @@ class AgentFamily(Generic[S]):
     # -- waiting, failure ----------------------------------------------------------
 
     async def _wait(self, key: Hashable, timeout: float | None) -> None:
+        if in_transaction():
+            raise AgentWaitError(self._label(key), "transaction")
+        if _held.get() is not None:
+            raise AgentWaitError(self._label(key), "action")
         with self._lock:
             work = self._work.get(key)
             if work is None:

@@ -18,6 +18,7 @@ The tree::
     ├── HistoryUnavailable (LookupError)       as_of / reports beyond retention
     ├── SyncTimeout (TimeoutError)             sync(t) waited too long
     ├── AgentFailed (RuntimeError)             a send to (or wait on) a failed agent
+    ├── AgentWaitError (RuntimeError)          agent.wait() where it could never return right
     └── StoreClosed (RuntimeError)             work submitted to a closed store
 
 Private control-flow signals (``_Conflict``, ``_Blocked``) derive from
@@ -32,6 +33,7 @@ from typing import Any
 
 __all__ = [
     "AgentFailed",
+    "AgentWaitError",
     "AstmError",
     "AtomInTransactionError",
     "CodecError",
@@ -253,6 +255,25 @@ class AgentFailed(AstmError, RuntimeError):
             f"agent {agent} failed with {error!r} and accepts no actions; call agent.restart(state) to resume it"
         )
         self.__cause__ = error
+
+
+class AgentWaitError(AstmError, RuntimeError):
+    """Raised when ``agent.wait()`` is called inside a transaction or inside an agent action.
+
+    In a transaction the sends it waits for go out only at commit, so it would
+    return early; in an action it would wait for that very action.
+    """
+
+    def __init__(self, agent: str, where: str) -> None:
+        self.agent = agent
+        reason = (
+            "the transaction's own sends go out only when it commits, so the wait could not see them; "
+            "wait after the transaction returns"
+            if where == "transaction"
+            else "an action cannot wait for agents (it would wait for itself); send the follow-up work instead"
+        )
+        place = "a transaction" if where == "transaction" else "an agent action"
+        super().__init__(f"agent {agent}: wait() was called inside {place}; {reason}")
 
 
 class StoreClosed(AstmError, RuntimeError):

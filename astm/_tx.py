@@ -89,6 +89,10 @@ R = TypeVar("R")
 log = logging.getLogger("astm")
 
 _current: ContextVar[Transaction | None] = ContextVar("astm.transaction", default=None)
+#: (values, commutes, number of effects, number of outbox entries) at a savepoint
+_Savepoint = tuple[
+    "dict[Ref[Any], Any] | None", "dict[Ref[Any], list[tuple[Callable[..., Any], tuple[Any, ...]]]] | None", int, int
+]
 _NO: Any = object()
 _CoroutineType = types.CoroutineType
 
@@ -342,6 +346,39 @@ class Transaction:
     def ensure(self, ref: Ref[Any]) -> Any:
         return self.get(ref)
 
+    # -- savepoints (nested calls, or_else alternatives) -------------------------
+
+    def savepoint(self) -> _Savepoint:
+        """What ``rollback`` needs to undo everything done from here: writes, commutes, effects, entries.
+
+        Effects and outbox entries only grow within an attempt, so their
+        lengths suffice; the values and commutes are copied (an attempt
+        usually holds a few).
+        """
+        commutes = self.commutes
+        return (
+            self.vals.copy() if self.vals else None,
+            {r: list(fns) for r, fns in commutes.items()} if commutes else None,
+            len(self.effects) if self.effects else 0,
+            len(self.outbox) if self.outbox else 0,
+        )
+
+    def rollback(self, saved: _Savepoint) -> None:
+        """Undo the writes, commutes, agent sends, after-commit effects and outbox entries since ``saved``.
+
+        What was read stays read: the decision to raise may rest on it, so it
+        is still checked at commit.
+        """
+        if self.vals is _SEALED:
+            return
+        vals, commutes, neffects, noutbox = saved
+        self.vals = {} if vals is None else vals
+        self.commutes = commutes
+        if self.effects is not None:
+            del self.effects[neffects:]
+        if self.outbox is not None:
+            del self.outbox[noutbox:]
+
     # -- ending an attempt ------------------------------------------------------
 
     def request(self, pin: bool) -> CommitRequest:
@@ -540,9 +577,16 @@ async def run_transaction(
             )
         if store is not None:
             outer.bind_store(store)
-        r = fn(*args, **kwargs)
-        if type(r) is _CoroutineType:
-            r = await r
+        saved = outer.savepoint()
+        try:
+            r = fn(*args, **kwargs)
+            if type(r) is _CoroutineType:
+                r = await r
+        except (_Conflict, _Blocked):
+            raise  # the whole attempt runs again: nothing to undo here
+        except BaseException:
+            outer.rollback(saved)  # a nested call that raises leaves no trace (a savepoint)
+            raise
         return r
     if store is not None and store._closed:
         raise StoreClosed()
@@ -773,30 +817,29 @@ def check(condition: object) -> None:
 async def or_else(*alternatives: Callable[[], Any]) -> Any:
     """Run the first alternative that does not ``retry()``; its result is returned.
 
-    An alternative that retries has its writes and effects rolled back; what it
-    read still counts, so when every alternative retries the transaction waits
-    for a change to anything any of them read.
+    An alternative that retries (or raises) has its writes and effects rolled
+    back; what it read still counts, so when every alternative retries the
+    transaction waits for a change to anything any of them read.
     """
     tx = current_for("astm.or_else()")
     if not alternatives:
         raise TypeError("or_else() needs at least one alternative")
     for i, alt in enumerate(alternatives):
-        saved_vals = dict(tx.vals)
-        saved_commutes = {k: list(v) for k, v in tx.commutes.items()} if tx.commutes else None
-        saved_effects = list(tx.effects) if tx.effects else None
-        saved_outbox = list(tx.outbox) if tx.outbox else None
+        saved = tx.savepoint()
         try:
             r = alt()
             if inspect.isawaitable(r):
                 r = await r
             return r
         except _Blocked:
-            tx.vals = saved_vals
-            tx.commutes = saved_commutes
-            tx.effects = saved_effects
-            tx.outbox = saved_outbox
+            tx.rollback(saved)
             if i == len(alternatives) - 1:
                 raise
+        except _Conflict:
+            raise
+        except BaseException:
+            tx.rollback(saved)  # an alternative that raises leaves no trace either
+            raise
     raise AssertionError("unreachable")
 
 
@@ -824,7 +867,9 @@ def transactional(fn: Any = None, *, retry_limit: int | None = None) -> Any:
 
     Works on ``async def`` and plain ``def``; the call always returns an
     awaitable. The store is the one of the first ref the body touches. Called
-    inside another transaction, it joins that one.
+    inside another transaction, it joins that one; if it raises there, what it
+    did is undone (a savepoint), so an outer body that catches the exception
+    goes on exactly as before the call.
     """
     if fn is None:
         return functools.partial(transactional, retry_limit=retry_limit)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import inspect
 import random
 import threading
 import tracemalloc
@@ -22,15 +21,6 @@ def append(state: PVector[Any], item: Any) -> PVector[Any]:
 
 def boom(state: Any) -> Any:
     raise ValueError("bad action")
-
-
-#: astm/_store.py passes error_mode="fail" to AgentFamily unless it defaults it to None
-STORE_DEFAULTS_FAIL = inspect.signature(astm.Store.agent).parameters["error_mode"].default == "fail"
-needs_store_default = pytest.mark.xfail(
-    STORE_DEFAULTS_FAIL,
-    reason="Store.agent/agents still default error_mode to 'fail' (astm/_store.py must default it to None)",
-    strict=True,
-)
 
 
 class TestOrder:
@@ -392,7 +382,6 @@ class TestErrors:
         assert without.error_mode == "fail" and without[1].error_handler is None
         assert explicit.error_mode == "fail"
 
-    @needs_store_default
     async def test_store_agent_with_handler_keeps_going(self, store: astm.Store) -> None:
         """store.agent(..., error_handler=h) without a mode keeps running after a failure; the next send is accepted."""
         seen: list[BaseException] = []

@@ -16,7 +16,7 @@ def test_all_exports_exist_and_say_astm() -> None:
 def test_public_surface_is_pinned() -> None:
     """The names users rely on (DESIGN.md) are all exported."""
     expected = {
-        "Agent", "AgentFailed", "AgentFamily", "AstmError", "Atom", "AtomInTransactionError",
+        "Agent", "AgentFailed", "AgentFamily", "AgentWaitError", "AstmError", "Atom", "AtomInTransactionError",
         "Change", "CodecError", "CommitOutcomeUnknown", "CommuteConflictError", "Db", "DeadLetter", "Effect",
         "HistoryUnavailable", "IOInTransactionError", "MutableValueError", "NotInTransactionError",
         "Outbox", "Ref", "RetryLimitExceeded", "Stats", "StorageError", "Store", "StoreClosed",

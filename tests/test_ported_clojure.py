@@ -42,7 +42,6 @@ Cases with no equivalent in astm, and why:
 
 from __future__ import annotations
 
-import inspect
 import threading
 from decimal import Decimal
 from typing import Any
@@ -51,14 +50,6 @@ import anyio
 import pytest
 
 import astm
-
-#: astm/_store.py passes error_mode="fail" to the agent unless it defaults it to None
-STORE_DEFAULTS_FAIL = inspect.signature(astm.Store.agent).parameters["error_mode"].default == "fail"
-needs_store_default = pytest.mark.xfail(
-    STORE_DEFAULTS_FAIL,
-    reason="Store.agent/agents still default error_mode to 'fail' (astm/_store.py must default it to None)",
-    strict=True,
-)
 
 
 class Fatal(BaseException):
@@ -96,7 +87,6 @@ def test_clojure_agents_default_modes_without_handler(store: astm.Store) -> None
     assert store.agents("f", None).error_mode == "fail"
 
 
-@needs_store_default
 def test_clojure_agents_default_modes_with_handler(store: astm.Store) -> None:
     """An agent made with an error handler and no mode is in continue mode."""
     assert store.agent("a", None, error_handler=print).error_mode == "continue"
@@ -172,7 +162,6 @@ async def test_clojure_agents_send_off_in_error_handler(store: astm.Store) -> No
     assert target_agent.state == ("ran", True, "RuntimeError('boom')")
 
 
-@needs_store_default
 async def test_clojure_agents_can_send_to_self_from_error_handler_before_popping_action_that_caused_error(
     store: astm.Store,
 ) -> None:
@@ -343,11 +332,6 @@ async def test_clojure_agent_java_sends_from_an_action_are_held_until_it_succeed
     assert order == ["a finishes", "b runs"] and b.state == 1 and a.state == 1
 
 
-@pytest.mark.xfail(
-    reason="astm bug: agent.wait() inside an agent action waits for that very action (a deadlock, until the timeout); "
-    "Clojure's await-for throws 'Can't await in agent action'",
-    strict=False,
-)
 async def test_clojure_core_await_for_refused_inside_an_agent_action(store: astm.Store) -> None:
     """From await-for: waiting for agents inside an agent action is refused at once, rather than deadlocking."""
     agt: astm.Agent[str] = store.agent("agt", "idle")
@@ -368,11 +352,6 @@ async def test_clojure_core_await_for_refused_inside_an_agent_action(store: astm
     assert agt.state == "refused"
 
 
-@pytest.mark.xfail(
-    reason="astm bug: agent.wait() inside a transaction returns before the transaction's own sends ran "
-    "(they are held until commit); Clojure's await-for is io!, refused in a transaction",
-    strict=False,
-)
 async def test_clojure_core_await_for_refused_inside_a_transaction(store: astm.Store) -> None:
     """From await-for: waiting for agents inside a transaction is refused (its sends only go out at commit)."""
     agt = store.agent("agt", 0)

@@ -65,8 +65,6 @@ import pytest
 
 import astm
 
-nested_rollback = pytest.mark.xfail(reason="nested rollback not implemented yet", strict=True)
-
 
 class Boom(Exception):
     """The exception the ported programs throw inside transactions (``ErrorCall``)."""
@@ -741,7 +739,6 @@ class TestNestedRollback:
     are undone and the outer transaction goes on exactly as before the call.
     """
 
-    @nested_rollback
     async def test_stm061_catch_rolls_back_just_the_nested_block(self, store: astm.Store) -> None:
         """A nested write followed by a raise, caught later in the same transaction, is undone (reads 0, commits 0)."""
         t = store.ref("t", 42)
@@ -760,7 +757,6 @@ class TestNestedRollback:
         assert await store.atomically(body) == 0
         assert t.get() == 0
 
-    @nested_rollback
     async def test_catchstm_rolls_back_writes(self, store: astm.Store) -> None:
         """The nested writes (to a ref the outer wrote, and to one it never touched) are undone; the outer's stay."""
         a, b = store.ref("a", 0), store.ref("b", 0)
@@ -781,7 +777,6 @@ class TestNestedRollback:
         assert await store.atomically(outer) == (1, 0)
         assert (a.get(), b.get()) == (1, 0)
 
-    @nested_rollback
     async def test_catchstm_rolls_back_through_store_atomically(self, store: astm.Store) -> None:
         """A nested ``store.atomically`` call that raises is rolled back the same way."""
         a = store.ref("a", 0)
@@ -798,7 +793,6 @@ class TestNestedRollback:
         assert await store.atomically(outer) == 0
         assert a.get() == 0
 
-    @nested_rollback
     async def test_catchstm_rolls_back_a_commute(self, store: astm.Store) -> None:
         """A nested commute is undone: the counter is unchanged and the outer may then set the ref."""
         hits = store.ref("hits", 0)
@@ -818,7 +812,6 @@ class TestNestedRollback:
         await store.atomically(outer)
         assert (hits.get(), other.get()) == (10, 1)
 
-    @nested_rollback
     async def test_catchstm_rolls_back_an_agent_send(self, store: astm.Store) -> None:
         """A nested agent send is dropped; the outer's own send is dispatched once."""
         log: astm.Agent[tuple[str, ...]] = store.agent("log", ())
@@ -839,7 +832,6 @@ class TestNestedRollback:
         await log.wait()
         assert log.state == ("outer",)
 
-    @nested_rollback
     async def test_catchstm_rolls_back_an_outbox_enqueue(self, store: astm.Store) -> None:
         """A nested outbox enqueue is dropped; only the outer's entry is delivered."""
         delivered: list[str] = []
@@ -864,7 +856,6 @@ class TestNestedRollback:
         await store.outbox.drain()
         assert delivered == ["outer"]
 
-    @nested_rollback
     async def test_catchstm_rolls_back_after_commit_effects(self, store: astm.Store) -> None:
         """A nested after_commit effect never runs; the outer's runs once after the commit."""
         ran: list[str] = []
@@ -884,7 +875,6 @@ class TestNestedRollback:
         await store.atomically(outer)
         assert ran == ["outer"]
 
-    @nested_rollback
     @pytest.mark.parametrize(("reraise", "expected"), [(False, (1, 2, 0, 2)), (True, (1, 0, 0, 0))])
     async def test_catchstm_three_deep(self, store: astm.Store, reraise: bool, expected: tuple[int, ...]) -> None:
         """Three levels: the innermost failure is undone where caught; a middle level that re-raises is undone too."""
@@ -914,7 +904,6 @@ class TestNestedRollback:
         assert await store.atomically(level1, reraise) == expected
         assert (a.get(), b.get(), c.get(), d.get()) == expected
 
-    @nested_rollback
     async def test_catchstm_inside_an_or_else_alternative(self, store: astm.Store) -> None:
         """In an or_else alternative that succeeds, a caught nested failure is undone; the alternative's writes stay."""
         a, b = store.ref("a", 0), store.ref("b", 0)
@@ -937,7 +926,6 @@ class TestNestedRollback:
         assert await store.atomically(body) == ("first", 1, 0)
         assert (a.get(), b.get()) == (1, 0)
 
-    @nested_rollback
     async def test_catchstm_or_else_alternative_that_raises(self, store: astm.Store) -> None:
         """An or_else alternative that raises, caught by the body, leaves none of its writes behind."""
         a, b = store.ref("a", 0), store.ref("b", 0)
@@ -955,7 +943,6 @@ class TestNestedRollback:
         assert await store.atomically(body) == (1, 0)
         assert (a.get(), b.get()) == (1, 0)
 
-    @nested_rollback
     async def test_t2411_caught_failures_commit_nothing_under_concurrency(self, store: astm.Store) -> None:
         """Under 500 tasks the nested commutes of caught failures (every 25th) are undone: count == successes."""
         count = store.ref("count", 0)

@@ -57,8 +57,6 @@ import pytest
 
 import astm
 
-nested_rollback = pytest.mark.xfail(reason="nested rollback not implemented yet", strict=True)
-
 
 def transfer(receiver: astm.Ref[int], sender: astm.Ref[int], much: int) -> Coroutine[Any, Any, int]:
     """ZSTMSpec's ``transfer``: wait until the sender has ``much``, move it, return the receiver's balance."""
@@ -602,7 +600,6 @@ async def test_zio_issue_2073_read_only_never_sees_partial_state(store: astm.Sto
 class TestNestedRollback:
     """ZIO's ``orElse`` also catches a failure of its left side, undoing the left side's writes."""
 
-    @nested_rollback
     async def test_zio_or_else_tries_alternative_once_left_fails(self, store: astm.Store) -> None:
         """A left side that updates and fails, caught, is undone; the right side's update alone commits (200)."""
         ref = store.ref("ref", 0)
@@ -621,7 +618,6 @@ class TestNestedRollback:
         await store.atomically(body)
         assert ref.get() == 200
 
-    @nested_rollback
     async def test_zio_or_else_succeed_when_left_fails(self, store: astm.Store) -> None:
         """orElseSucceed on a failing left side: the fallback value is returned and the left side's write undone."""
         ref = store.ref("ref", False)
