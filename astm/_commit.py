@@ -18,6 +18,7 @@ commutes, validators, encoding) live here, once.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Collection
 from time import monotonic as _monotonic
 from time import time as _time
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import codec
 from ._errors import StoreClosed, ValidationError, _Conflict
-from ._ops import STRUCTURAL
+from ._ops import STRUCTURAL, Call, decode_calls, encode_calls
 from ._values import check_value
 from .abc import CommitRecord, LogStorage
 
@@ -35,7 +36,16 @@ if TYPE_CHECKING:
     from ._timeline import Timeline
     from ._tx import Claimant
 
-__all__ = ["CommitRequest", "Committed", "Committer", "LocalCommitter", "encode_changes", "encode_outbox"]
+__all__ = [
+    "CommitRequest",
+    "Committed",
+    "Committer",
+    "LocalCommitter",
+    "decode_row",
+    "encode_changes",
+    "encode_outbox",
+    "row_text",
+]
 
 #: (t, [(ref, old, new)], waiters to fire, whether any changed ref has watches)
 Committed = tuple[int, list[tuple["Ref[Any]", Any, Any]], "list[Waiter] | None", bool]
@@ -46,7 +56,7 @@ OutboxItem = tuple[str, Any, Any]
 class CommitRequest:
     """One attempt's changes, handed to a committer once its body has returned (never changed after)."""
 
-    __slots__ = ("attempts", "claimant", "commutes", "outbox", "pin", "reads", "rp", "vals")
+    __slots__ = ("attempts", "claimant", "commutes", "ops", "outbox", "pin", "reads", "rp", "vals")
 
     def __init__(
         self,
@@ -58,6 +68,7 @@ class CommitRequest:
         claimant: Claimant | None,
         attempts: int,
         pin: bool,
+        ops: dict[Ref[Any], list[Call] | None] | None = None,
     ) -> None:
         #: the read point: every checked read saw the versions at this t
         self.rp = rp
@@ -72,6 +83,8 @@ class CommitRequest:
         self.attempts = attempts
         #: the caller wants a report: pin the db values before and after
         self.pin = pin
+        #: refs changed only by structural helper calls on their committed value: those calls
+        self.ops = ops
 
     def stale_reads(self) -> list[Ref[Any]]:
         """The checked refs that have a version after the read point (under the lock)."""
@@ -151,15 +164,14 @@ class LocalCommitter:
             if log.failed is not None:
                 raise log.refusal()
             if log.encodes:
-                news = encode_changes(vals)
+                changes_out = encode_changes(request)
                 entries = encode_outbox(request.outbox)
             # all values calculated, validated and encoded; no more client code runs below
             t += 1
             now = _time()
             changes, wake, watched = tl.apply(t, now, vals.items())
             if log.encodes:
-                record = CommitRecord(t, now, _changes(vals, news), entries, t - tl.history)
-                log.submit(t, record)
+                log.submit(t, CommitRecord(t, now, changes_out, entries))
             else:
                 log.submit(t, None)
             if request.pin:
@@ -181,9 +193,62 @@ def _check_claims(request: CommitRequest) -> None:
             raise _Conflict((r,))
 
 
-def encode_changes(vals: dict[Ref[Any], Any]) -> list[str]:
-    """Every written value encoded, in ``vals`` order (before anything is applied)."""
-    return [codec.dumps(v, f"ref {r.name!r}") for r, v in vals.items()]
+def encode_changes(request: CommitRequest) -> list[tuple[str, str, str, Any]]:
+    """Every write encoded (under the lock, before anything is applied): (name, kind, text, value).
+
+    Kind ``"d"``: a delta, ``text`` is ``[base t, helper calls]``, when the
+    ref's change is only structural helper calls on its committed version (its
+    cost is the size of the change). Kind ``"n"``: a ref's first commit,
+    ``text`` is ``[value, initial value]`` (a reopened store knows what the ref
+    held before). Kind ``"v"``: ``text`` is the whole value.
+    """
+    commutes = request.commutes
+    ops = request.ops
+    out = []
+    for r, v in request.vals.items():
+        where = f"ref {r.name!r}"
+        base, before = r._cur
+        if base == 0:
+            out.append((r.name, "n", codec.text([codec.encode(v, where), codec.encode(before, where)]), v))
+            continue
+        calls: list[Call] | None = None
+        if commutes is not None and r in commutes:
+            fns = commutes[r]
+            if all(f in STRUCTURAL for f, _ in fns):
+                calls = fns
+        elif ops is not None:
+            calls = ops.get(r)
+        if calls is not None:
+            out.append((r.name, "d", codec.text([base, encode_calls(calls, where)]), v))
+        else:
+            out.append((r.name, "v", codec.dumps(v, where), v))
+    return out
+
+
+def row_text(changes: list[tuple[str, str, str, Any]]) -> str:
+    """A commit's changes as one log row.
+
+    ``[[name, "v", value], [name, "n", value, initial], [name, "d", base t, calls], ...]``.
+    """
+    parts = []
+    for name, kind, text, _ in changes:
+        body = text if kind == "v" else text[1:-1]  # the other kinds' text is a JSON list of their fields
+        parts.append(f'[{json.dumps(name)},"{kind}",{body}]')
+    return f"[{','.join(parts)}]"
+
+
+def decode_row(items: list[Any]) -> list[tuple[str, tuple[Any, ...]]]:
+    """A log row's changes decoded: (name, ("v", value[, initial])) or (name, ("d", base t, calls))."""
+    out: list[tuple[str, tuple[Any, ...]]] = []
+    for item in items:
+        kind = item[1]
+        if kind == "v":
+            out.append((item[0], ("v", codec.decode(item[2]))))
+        elif kind == "n":
+            out.append((item[0], ("v", codec.decode(item[2]), codec.decode(item[3]))))
+        else:
+            out.append((item[0], ("d", item[2], decode_calls(item[3]))))
+    return out
 
 
 def encode_outbox(outbox: list[OutboxItem] | None) -> list[tuple[int, str, str, str | None]]:
@@ -196,15 +261,6 @@ def encode_outbox(outbox: list[OutboxItem] | None) -> list[tuple[int, str, str, 
                 (seq, name, codec.dumps(payload, where), None if order_key is None else codec.dumps(order_key, where))
             )
     return entries
-
-
-def _changes(vals: dict[Ref[Any], Any], news: list[str]) -> list[tuple[str, str, str]]:
-    """(name, old encoded, new encoded) per write; remembers each ref's newest encoding (under the lock)."""
-    out = []
-    for r, enc in zip(vals, news, strict=True):
-        out.append((r.name, r._enc, enc))
-        r._enc = enc
-    return out
 
 
 def validate_value(name: str, validator: Callable[[Any], Any], value: Any) -> None:

@@ -15,9 +15,11 @@ from typing import Any, TypeVar
 
 from pyrsistent import pmap, pset, pvector
 
+from . import codec
+from ._errors import CodecError
 from ._values import check_value
 
-__all__ = ["STRUCTURAL", "assoc", "check_args", "conj", "disj", "dissoc"]
+__all__ = ["STRUCTURAL", "apply_calls", "assoc", "check_args", "conj", "decode_calls", "disj", "dissoc", "encode_calls"]
 
 C = TypeVar("C")
 
@@ -90,3 +92,33 @@ def check_args(fn: Callable[..., Any], args: tuple[Any, ...], name: str) -> None
     if fn is conj or fn is assoc:
         for a in args:
             check_value(a, name)
+
+
+_BY_NAME: dict[str, Callable[..., Any]] = {"conj": conj, "assoc": assoc, "dissoc": dissoc, "disj": disj}
+_NAMES = {fn: name for name, fn in _BY_NAME.items()}
+
+#: one helper call as stored: (its name, its arguments)
+Call = tuple[Callable[..., Any], tuple[Any, ...]]
+
+
+def encode_calls(calls: list[Call], where: str) -> Any:
+    """Helper calls in the codec's tagged form: ``[[name, [arg, ...]], ...]`` (a delta in a log record)."""
+    return [[_NAMES[fn], [codec.encode(a, where) for a in args]] for fn, args in calls]
+
+
+def decode_calls(data: Any) -> list[Call]:
+    """The helper calls a stored delta holds."""
+    out = []
+    for name, args in data:
+        fn = _BY_NAME.get(name)
+        if fn is None:
+            raise CodecError.unknown(f"collection helper {name!r}", "the file may be from a newer astm")
+        out.append((fn, tuple(codec.decode(a) for a in args)))
+    return out
+
+
+def apply_calls(value: Any, calls: list[Call]) -> Any:
+    """``value`` after the helper calls of a delta, in order (the same functions the transaction ran)."""
+    for fn, args in calls:
+        value = fn(value, *args)
+    return value

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._backend import Waiter
 from ._errors import NotInTransactionError
-from ._tx import _NO, Claimant, _current, checked
+from ._tx import _NO, Claimant, _current
 from ._values import _IMMUTABLE_FAST
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ class Ref(Generic[T]):
         "_claim",
         "_conflicts",
         "_cur",
-        "_enc",
         "_heat",
         "_hist",
         "_keep",
@@ -75,8 +74,6 @@ class Ref(Generic[T]):
         self._heat = 0
         self._conflicts = 0
         self._ord = ordinal
-        #: the newest value encoded for storage (durable stores only; kept by the commit)
-        self._enc = ""
 
     @property
     def store(self) -> Store:
@@ -133,12 +130,15 @@ class Ref(Generic[T]):
             if cur[0] > tx.rp:
                 return tx.alter(self, fn, args)  # type: ignore[no-any-return]
             tx.reads.add(self)
-            v = cur[1]
-        elif tx.commutes is not None:
-            return tx.alter(self, fn, args)  # type: ignore[no-any-return]
-        nv = fn(v, *args)
-        if type(nv) not in _IMMUTABLE_FAST:
-            checked(fn, args, nv, self.name)
+            nv = fn(cur[1], *args)
+            if type(nv) not in _IMMUTABLE_FAST or tx.ops is not None:
+                tx.note(self, fn, args, nv, True)
+        else:
+            if tx.commutes is not None:
+                return tx.alter(self, fn, args)  # type: ignore[no-any-return]
+            nv = fn(v, *args)
+            if type(nv) not in _IMMUTABLE_FAST or tx.ops is not None:
+                tx.note(self, fn, args, nv, False)
         vals[self] = nv
         return nv
 

@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from . import codec
 from ._agent import Agent, AgentFamily, ErrorMode
 from ._atom import Atom
 from ._commit import LocalCommitter, validate_value
 from ._db import Db, TxReport
 from ._errors import HistoryUnavailable, StorageError, StoreClosed, SyncTimeout
+from ._ops import apply_calls
 from ._outbox import Effect, Handler, Outbox
 from ._ref import Ref
-from ._timeline import LogEntry, Timeline
+from ._timeline import Timeline
 from ._tx import run_transaction
 from ._values import check_value
 from .abc import LogStorage, OutboxStorage
@@ -157,56 +157,51 @@ class Store:
         )
 
     def _recover(self, storage: LogStorage) -> None:
-        """Install what a log storage found: its checkpoint, its history, then its later commits, in order."""
+        """Install what a log storage found: its checkpoint, then the commits after it, in order."""
         rec = storage.recover()
         where = getattr(storage, "path", self.url)
         with self._lock:
-            self._install(rec.checkpoint_t, rec.refs, [row for row in rec.log if row[0] <= rec.checkpoint_t], where)
+            self._install(rec.checkpoint_t, rec.refs)
             for t, when, changes in rec.log:
-                if t > rec.checkpoint_t:
-                    self._apply_logged(t, when, changes, where)
+                self._apply_logged(t, when, changes, where)
 
-    def _install(
-        self,
-        t: int,
-        refs: list[tuple[str, int, Any, str]],
-        history: list[tuple[int, float, list[tuple[str, Any, Any, str]]]],
-        where: str,
-    ) -> None:
-        """Open at basis ``t``: every ref's version as of ``t``, and the log up to ``t`` as history (under the lock)."""
-        for name, rt, value, enc in refs:
+    def _install(self, t: int, refs: list[tuple[str, int, Any]]) -> None:
+        """Open at basis ``t`` with every stored ref's version as of ``t`` (under the lock)."""
+        for name, rt, value in refs:
             r: Ref[Any] = self._refs.get(name) or self._new_ref(name, value)
             r._cur = (rt, value)
-            r._enc = enc
-        entries: list[LogEntry] = []
-        for et, when, changes in history:
-            entry = []
-            for name, old, new, _ in changes:
-                known = self._refs.get(name)
-                if known is None:
-                    raise StorageError(
-                        where, f"the stored log is damaged (t={et} names ref {name!r}, which is not stored)",
-                        "restore it from a backup",
-                    )  # fmt: skip
-                entry.append((known, old, new))
-            entries.append((et, when, entry))
-        self._timeline.restore(t, entries)
+        self._timeline.restore(t, ())
 
     def _apply_logged(
-        self, t: int, when: float, changes: list[tuple[str, Any, Any, str]], where: str
+        self, t: int, when: float, changes: list[tuple[str, tuple[Any, ...]]], where: str
     ) -> tuple[list[tuple[Ref[Any], Any, Any]], list[Any] | None, bool]:
         """Apply commit ``t`` read from a log: recovery replaying a file, or a peer following the shared log.
 
-        The same ``Timeline.apply`` as a local commit (under the lock). A ref
-        first committed elsewhere is created with the value it had before.
+        The same ``Timeline.apply`` as a local commit (under the lock). A
+        change is a whole value, or a delta (helper calls) that applies only to
+        the version it was made on. A ref first committed elsewhere is created.
         """
         tl = self._timeline
         if t != tl.t + 1:
             raise StorageError(where, f"the stored log jumps from t={tl.t} to t={t}", "restore it from a backup")
         writes = []
-        for name, old, new, enc in changes:
-            r = self._refs.get(name) or self._new_ref(name, old)
-            r._enc = enc
+        for name, change in changes:
+            r = self._refs.get(name)
+            if change[0] == "v":
+                new = change[1]
+                if r is None:  # first committed elsewhere: what it held before, when the log says
+                    r = self._new_ref(name, change[2] if len(change) > 2 else new)
+            else:
+                _, base, calls = change
+                if r is None or r._cur[0] != base:
+                    have = "no such ref" if r is None else f"version t={r._cur[0]}"
+                    raise StorageError(
+                        where,
+                        f"commit t={t} changes ref {name!r} by a delta on its version t={base}, but this store has "
+                        f"{have}; the stored log is inconsistent",
+                        "restore it from a backup",
+                    )
+                new = apply_calls(r._cur[1], calls)
             writes.append((r, new))
         return tl.apply(t, when, writes)
 
@@ -234,10 +229,8 @@ class Store:
                 check_value(initial, name)
                 if validator is not None:
                     validate_value(name, validator, initial)
-                enc = codec.dumps(initial, f"ref {name!r}") if self._log.encodes else ""
                 r = self._new_ref(name, initial)
                 r._validator = validator
-                r._enc = enc
                 return r
         if validator is not None and validator is not r._validator:
             validate_value(name, validator, r._cur[1])
@@ -305,6 +298,10 @@ class Store:
         entry's idempotency key ``(t, seq)``, the same on every redelivery.
         """
         return self.outbox.effect(name, max_attempts=max_attempts, backoff=backoff, max_backoff=max_backoff)
+
+    def lookup(self, name: str) -> Ref[Any] | None:
+        """The ref called ``name``, or None; unlike ``ref()`` it creates nothing (safe on names from clients)."""
+        return self._refs.get(name)
 
     def refs(self) -> dict[str, Ref[Any]]:
         """Every ref of this store by name (a copy)."""

@@ -61,7 +61,7 @@ from ._errors import (
     _Conflict,
 )
 from ._ops import STRUCTURAL, check_args
-from ._values import check_value
+from ._values import _IMMUTABLE_FAST, check_value
 
 if TYPE_CHECKING:
     from ._outbox import Outbox
@@ -89,9 +89,13 @@ R = TypeVar("R")
 log = logging.getLogger("astm")
 
 _current: ContextVar[Transaction | None] = ContextVar("astm.transaction", default=None)
-#: (values, commutes, number of effects, number of outbox entries) at a savepoint
+#: (values, commutes, number of effects, number of outbox entries, delta calls) at a savepoint
 _Savepoint = tuple[
-    "dict[Ref[Any], Any] | None", "dict[Ref[Any], list[tuple[Callable[..., Any], tuple[Any, ...]]]] | None", int, int
+    "dict[Ref[Any], Any] | None",
+    "dict[Ref[Any], list[tuple[Callable[..., Any], tuple[Any, ...]]]] | None",
+    int,
+    int,
+    "dict[Ref[Any], list[tuple[Callable[..., Any], tuple[Any, ...]]] | None] | None",
 ]
 _NO: Any = object()
 _CoroutineType = types.CoroutineType
@@ -173,6 +177,7 @@ class Transaction:
         "commutes",
         "conflicts",
         "effects",
+        "ops",
         "outbox",
         "peeks",
         "reads",
@@ -194,6 +199,9 @@ class Transaction:
         self.effects: list[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
         #: outbox entries of this attempt: (effect name, payload, order key)
         self.outbox: list[tuple[str, Any, Any]] | None = None
+        #: per ref written only by structural helpers from its committed value: those calls (a delta);
+        #: None once anything else wrote it
+        self.ops: dict[Ref[Any], list[tuple[Callable[..., Any], tuple[Any, ...]]] | None] | None = None
         #: body runs so far, this one included
         self.attempts = 0
         self.conflicts: dict[str, int] | None = None
@@ -296,12 +304,16 @@ class Transaction:
                 self._stale_checked(ref)
             reads.add(ref)
         vals[ref] = value
+        ops = self.ops
+        if ops is not None and ref in ops:
+            ops[ref] = None
         return value
 
     def alter(self, ref: Ref[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         vals = self.vals
         v = vals.get(ref, _NO)
-        if v is _NO:
+        fresh = v is _NO
+        if fresh:
             if ref._store is not self.store:
                 self._bind(ref)
             cur = ref._cur
@@ -312,7 +324,7 @@ class Transaction:
         elif self.commutes is not None and ref in self.commutes:
             raise CommuteConflictError(ref.name)
         nv = fn(v, *args)
-        checked(fn, args, nv, ref.name)
+        self.note(ref, fn, args, nv, fresh)
         vals[ref] = nv
         return nv
 
@@ -324,7 +336,7 @@ class Transaction:
             # already altered/set here: the ref is checked, so its in-transaction
             # value is exactly what the commit will build on
             nv = fn(v, *args)
-            checked(fn, args, nv, ref.name)
+            self.note(ref, fn, args, nv, False)
             vals[ref] = nv
             return nv
         if v is _NO:
@@ -332,7 +344,7 @@ class Transaction:
             assert self.peeks is not None
             self.peeks.discard(ref)
         nv = fn(v, *args)
-        checked(fn, args, nv, ref.name)
+        checked(fn, args, nv, ref.name)  # a commuted ref's delta is its commute list (re-applied at commit)
         vals[ref] = nv
         if commutes is None:
             commutes = self.commutes = {}
@@ -346,6 +358,28 @@ class Transaction:
     def ensure(self, ref: Ref[Any]) -> Any:
         return self.get(ref)
 
+    def note(self, ref: Ref[Any], fn: Callable[..., Any], args: tuple[Any, ...], nv: Any, fresh: bool) -> None:
+        """Check ``fn``'s result and remember whether the ref's change is still a delta of helper calls.
+
+        ``fresh``: ``fn`` was applied to the ref's committed value (not to an
+        earlier in-transaction value).
+        """
+        ops = self.ops
+        if fn in STRUCTURAL:
+            check_args(fn, args, ref.name)
+            if ops is None:
+                ops = self.ops = {}
+            calls = ops.get(ref, _NO)
+            if calls is _NO:
+                ops[ref] = [(fn, args)] if fresh else None
+            elif calls is not None:
+                calls.append((fn, args))
+        else:
+            if type(nv) not in _IMMUTABLE_FAST:
+                check_value(nv, ref.name)
+            if ops is not None and ref in ops:
+                ops[ref] = None
+
     # -- savepoints (nested calls, or_else alternatives) -------------------------
 
     def savepoint(self) -> _Savepoint:
@@ -356,11 +390,13 @@ class Transaction:
         usually holds a few).
         """
         commutes = self.commutes
+        ops = self.ops
         return (
             self.vals.copy() if self.vals else None,
             {r: list(fns) for r, fns in commutes.items()} if commutes else None,
             len(self.effects) if self.effects else 0,
             len(self.outbox) if self.outbox else 0,
+            {r: None if calls is None else list(calls) for r, calls in ops.items()} if ops else None,
         )
 
     def rollback(self, saved: _Savepoint) -> None:
@@ -371,9 +407,10 @@ class Transaction:
         """
         if self.vals is _SEALED:
             return
-        vals, commutes, neffects, noutbox = saved
+        vals, commutes, neffects, noutbox, ops = saved
         self.vals = {} if vals is None else vals
         self.commutes = commutes
+        self.ops = ops
         if self.effects is not None:
             del self.effects[neffects:]
         if self.outbox is not None:
@@ -384,7 +421,7 @@ class Transaction:
     def request(self, pin: bool) -> CommitRequest:
         """Seal this attempt and hand its changes over as one commit request."""
         req = CommitRequest(
-            self.rp, self.reads, self.vals, self.commutes, self.outbox, self.claimant, self.attempts, pin
+            self.rp, self.reads, self.vals, self.commutes, self.outbox, self.claimant, self.attempts, pin, self.ops
         )
         self.vals = _SEALED
         return req

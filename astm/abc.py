@@ -32,27 +32,27 @@ class CommitRecord:
 
     t: int
     time: float
-    #: (ref name, old value encoded, new value encoded)
-    changes: list[tuple[str, str, str]]
+    #: (ref name, kind, text, value): kind "v" with the value encoded, or "d" (a delta)
+    #: with ``[base t, helper calls]`` encoded; ``value`` is the new value itself
+    changes: list[tuple[str, str, str, Any]]
     #: (seq, effect name, payload encoded, order key encoded or None)
     outbox: list[tuple[int, str, str, str | None]]
-    #: the oldest t whose log entry history retention still needs (older rows may go)
-    floor: int
 
 
 @dataclass(slots=True)
 class Recovered:
-    """What a log storage found on open: a checkpoint of ref values, and the log around it.
+    """What a log storage found on open: a checkpoint of ref values, and the commits after it.
 
-    The store installs the checkpoint, keeps the log rows up to ``checkpoint_t``
-    as history, and applies the rows after it as commits, in order.
+    The store installs the checkpoint and applies the later commits in order
+    (``Timeline.apply``), which rebuilds the history they cover.
     """
 
     checkpoint_t: int = 0
-    #: (name, t of its last commit, value, value encoded): every ref as of checkpoint_t
-    refs: list[tuple[str, int, Any, str]] = field(default_factory=list)
-    #: (t, time, [(name, old, new, new encoded)]) for every retained row, oldest first
-    log: list[tuple[int, float, list[tuple[str, Any, Any, str]]]] = field(default_factory=list)
+    #: (name, t of its last commit, value): every stored ref as of checkpoint_t
+    refs: list[tuple[str, int, Any]] = field(default_factory=list)
+    #: (t, time, [(name, change)]) for every commit after checkpoint_t, oldest first; a change is
+    #: ("v", value) or ("d", base t, helper calls)
+    log: list[tuple[int, float, list[tuple[str, tuple[Any, ...]]]]] = field(default_factory=list)
 
 
 class LogStorage(Protocol):

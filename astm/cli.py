@@ -20,7 +20,7 @@ from typing import Any
 from pyrsistent import PMap, PSet, PVector
 
 from ._errors import AstmError, StorageError
-from .stores.sqlite import load, read_only, state
+from .stores.sqlite import load, read_only
 
 __all__ = ["main"]
 
@@ -48,7 +48,8 @@ def inspect(path: str) -> dict[str, Any]:
     """Basis t, ref count, log range, pending and dead outbox entries of a store file."""
     conn = read_only(path)
     try:
-        basis, refs = state(load(conn, path))
+        rec, refs = load(conn, path)
+        basis = rec.log[-1][0] if rec.log else rec.checkpoint_t
         try:
             lo, hi = conn.execute("SELECT MIN(t), MAX(t) FROM log").fetchone()
             pending = conn.execute("SELECT COUNT(*) FROM outbox WHERE error IS NULL").fetchone()[0]
@@ -74,7 +75,7 @@ def dump(path: str, out: Any = None) -> None:
     out = out or sys.stdout
     conn = read_only(path)
     try:
-        _, refs = state(load(conn, path))
+        _, refs = load(conn, path)
     finally:
         conn.close()
     for name, (t, value) in sorted(refs.items()):

@@ -51,7 +51,7 @@ from pyrsistent import PClass, PRecord, pmap, pset, pvector
 
 from ._errors import CodecError, MutableValueError
 
-__all__ = ["check", "decode", "dumps", "encode", "loads", "register"]
+__all__ = ["check", "decode", "dumps", "encode", "loads", "register", "text"]
 
 _registered_by_type: dict[type, tuple[str, Callable[[Any], Any]]] = {}
 _registered_by_name: dict[str, Callable[[Any], Any]] = {}
@@ -309,6 +309,11 @@ def _utf8_safe(text: str, data: Any) -> str:
     except UnicodeEncodeError:
         return _dump_ascii(data)  # "\\ud800" escapes read back as the same lone surrogate
     return text
+
+
+def text(data: Any) -> str:
+    """Already tagged ``data`` as the compact JSON text :func:`dumps` writes (valid UTF-8)."""
+    return _utf8_safe(_dump_fast(data), data)
 
 
 def dumps(value: Any, where: str = "value") -> str:

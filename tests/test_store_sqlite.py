@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
-from pyrsistent import pmap, pvector
+from pyrsistent import pmap, pset, pvector
 
 import astm
 
@@ -430,4 +430,86 @@ class TestCliOnDamagedFiles:
             assert out.returncode == 1, out
             assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr, out.stderr
         with pytest.raises(astm.StorageError):
+            astm.Store(f"sqlite:///{path}")
+
+
+class TestDeltas:
+    @pytest.mark.parametrize(("history", "checkpoint_every"), [(10_000, None), (40, 7)])
+    async def test_history_after_a_restart_is_the_same_with_deltas(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, history: int, checkpoint_every: int | None
+    ) -> None:
+        """Commits logged as deltas (helpers) and whole values rebuild, after a restart, every retained db exactly."""
+        import random
+
+        from astm.stores import sqlite as backend
+
+        if checkpoint_every is not None:
+            monkeypatch.setattr(backend, "CHECKPOINT_EVERY", checkpoint_every)
+        url = f"sqlite:///{tmp_path / 's.db'}"
+        rng = random.Random(3)
+        before: dict[int, tuple[Any, ...]] = {}
+        async with astm.Store(url, history=history) as store:
+            ledger: astm.Ref[Any] = store.ref("ledger", pvector())
+            seats: astm.Ref[Any] = store.ref("seats", pmap())
+            tags: astm.Ref[Any] = store.ref("tags", pset())
+            for i in range(300):
+
+                def body(i: int = i) -> None:
+                    choice = rng.randrange(6)
+                    if choice == 0:
+                        ledger.commute(astm.conj, pmap({"n": i}))
+                    elif choice == 1:
+                        seats.alter(astm.assoc, f"s{i % 17}", i)
+                    elif choice == 2:
+                        seats.alter(astm.dissoc, f"s{(i * 7) % 17}")
+                    elif choice == 3:
+                        tags.alter(astm.conj, i % 5)
+                        tags.alter(astm.disj, (i + 2) % 5)
+                    elif choice == 4:
+                        ledger.alter(lambda v: v.append(("whole", i)))  # an arbitrary function: whole value
+                    elif len(ledger.get()):
+                        ledger.alter(astm.assoc, 0, i)
+                    else:
+                        ledger.alter(astm.conj, i)
+
+                await store.atomically(body)
+            for t in range(max(0, store.t - history), store.t + 1):
+                db = store.as_of(t)
+                before[t] = (db[ledger], db[seats], db[tags])
+        rows = sqlite3.connect(tmp_path / "s.db").execute("SELECT changes FROM log").fetchall()
+        kinds = {item[1] for (changes,) in rows for item in json.loads(changes)}
+        assert {"d", "v"} <= kinds, kinds  # deltas and whole values both in the log
+        checkpoint = int(
+            sqlite3.connect(tmp_path / "s.db")
+            .execute("SELECT value FROM astm_meta WHERE key = 'checkpoint_t'")
+            .fetchone()[0]
+        )
+        assert (checkpoint > 0) == (checkpoint_every is not None)
+        async with astm.Store(url, history=history) as again:
+            refs = [again.ref(n, None) for n in ("ledger", "seats", "tags")]
+            assert again.t == 300
+            for t, values in before.items():
+                db = again.as_of(t)
+                assert tuple(db[r] for r in refs) == values, t
+
+    def test_a_delta_on_the_wrong_version_is_refused(self, tmp_path: Path) -> None:
+        """A log row whose delta names a base version the ref does not have makes opening fail, not guess."""
+        path = tmp_path / "s.db"
+
+        async def make() -> None:
+            async with astm.Store(f"sqlite:///{path}") as s:
+                r: astm.Ref[Any] = s.ref("r", ())
+                for i in range(3):
+                    await s.atomically(lambda i=i: r.alter(astm.conj, i))
+
+        anyio.run(make)
+        conn = sqlite3.connect(path)
+        [(changes,)] = conn.execute("SELECT changes FROM log WHERE t = 3").fetchall()
+        items = json.loads(changes)
+        assert items[0][1] == "d" and items[0][2] == 2
+        items[0][2] = 1  # the delta now claims to apply to t=1
+        conn.execute("UPDATE log SET changes = ? WHERE t = 3", (json.dumps(items),))
+        conn.commit()
+        conn.close()
+        with pytest.raises(astm.StorageError, match=r"delta on its version t=1.*t=2"):
             astm.Store(f"sqlite:///{path}")

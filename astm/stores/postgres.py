@@ -42,8 +42,9 @@ import anyio
 
 from .. import codec
 from .._backend import Waiter, spawn
-from .._commit import CommitRequest, Committed, encode_changes, encode_outbox
+from .._commit import CommitRequest, Committed, decode_row, encode_changes, encode_outbox, row_text
 from .._errors import CommitOutcomeUnknown, StorageError, _Conflict
+from .._ops import apply_calls, decode_calls
 from .._tx import run_watches
 from ..abc import CommitRecord, Key, OutboxEntry, Recovered
 
@@ -57,7 +58,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresCommitter", "PostgresOutbox", "PostgresSto
 
 log = logging.getLogger("astm")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CHANNEL = "astm_commits"
 POLL_SECONDS = 1.0
 OUTBOX_POLL_SECONDS = 0.2
@@ -66,6 +67,8 @@ OUTBOX_LEASE = "30 seconds"
 RESOLVE_SECONDS = 10.0
 #: the most transactions one round trip carries
 BATCH_MAX = 64
+#: after this many deltas on one ref since its last whole value, the next change sends the whole value
+MAX_DELTAS = 64
 
 _COMMIT_FUNCTION = """CREATE OR REPLACE FUNCTION astm_commit_batch(p_batch jsonb) RETURNS jsonb
     LANGUAGE plpgsql AS $$
@@ -99,10 +102,28 @@ _COMMIT_FUNCTION = """CREATE OR REPLACE FUNCTION astm_commit_batch(p_batch jsonb
                     jsonb_build_object('status', 'stale', 't', cur, 'names', to_jsonb(bad)));
                 CONTINUE;
             END IF;
+            -- a delta applies only to the very version it was made on
+            SELECT array_agg(x.name) INTO bad
+              FROM jsonb_to_recordset(tx->'writes') AS x(name text, kind text, base bigint)
+              LEFT JOIN astm_refs r ON r.name = x.name
+             WHERE x.kind = 'd' AND (r.t IS NULL OR r.t <> x.base);
+            IF bad IS NOT NULL THEN
+                results := results || jsonb_build_array(
+                    jsonb_build_object('status', 'conflict', 't', cur, 'names', to_jsonb(bad)));
+                CONTINUE;
+            END IF;
             cur := cur + 1;
-            INSERT INTO astm_refs (name, t, value)
-                 SELECT x.name, cur, x.value FROM jsonb_to_recordset(tx->'writes') AS x(name text, value text)
-            ON CONFLICT (name) DO UPDATE SET t = excluded.t, value = excluded.value;
+            INSERT INTO astm_refs (name, t, value, base_t)
+                 SELECT x.name, cur, x.value, cur
+                   FROM jsonb_to_recordset(tx->'writes') AS x(name text, kind text, value text) WHERE x.kind = 'v'
+            ON CONFLICT (name) DO UPDATE SET t = excluded.t, value = excluded.value, base_t = excluded.base_t;
+            DELETE FROM astm_ref_deltas d USING jsonb_to_recordset(tx->'writes') AS x(name text, kind text)
+             WHERE x.kind = 'v' AND d.name = x.name;
+            UPDATE astm_refs r SET t = cur FROM jsonb_to_recordset(tx->'writes') AS x(name text, kind text)
+             WHERE x.kind = 'd' AND r.name = x.name;
+            INSERT INTO astm_ref_deltas (name, t, calls)
+                 SELECT x.name, cur, x.calls
+                   FROM jsonb_to_recordset(tx->'writes') AS x(name text, kind text, calls text) WHERE x.kind = 'd';
             INSERT INTO astm_log (t, tx_id, time, changes)
                  VALUES (cur, (tx->>'id')::uuid, (tx->>'time')::double precision, tx->>'changes');
             INSERT INTO astm_outbox (t, seq, effect, payload, order_key)
@@ -116,10 +137,15 @@ _COMMIT_FUNCTION = """CREATE OR REPLACE FUNCTION astm_commit_batch(p_batch jsonb
     END $$"""
 
 _FENCE = "CREATE TABLE IF NOT EXISTS astm_fence (tx_id uuid PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())"
+#: a ref's value is its whole value at base_t with its deltas after base_t applied, in t order
+_DELTAS = """CREATE TABLE IF NOT EXISTS astm_ref_deltas (
+    name text NOT NULL, t bigint NOT NULL, calls text NOT NULL, PRIMARY KEY (name, t))"""
 
 _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS astm_meta (key text PRIMARY KEY, value text NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS astm_refs (name text PRIMARY KEY, t bigint NOT NULL, value text NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS astm_refs (
+        name text PRIMARY KEY, t bigint NOT NULL, value text NOT NULL, base_t bigint NOT NULL)""",
+    _DELTAS,
     """CREATE TABLE IF NOT EXISTS astm_log (
         t bigint PRIMARY KEY, tx_id uuid NOT NULL UNIQUE, time double precision NOT NULL, changes text NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS astm_outbox (
@@ -129,8 +155,18 @@ _SCHEMA = [
     _FENCE,
     _COMMIT_FUNCTION,
 ]
-#: schema version 1 -> 2: the fence (additive)
-_MIGRATE_1 = [_FENCE, _COMMIT_FUNCTION]
+#: schema versions 1 and 2 -> 3: the fence, deltas (log rows become [name, "v", value])
+_MIGRATE = [
+    _FENCE,
+    _DELTAS,
+    "ALTER TABLE astm_refs ADD COLUMN IF NOT EXISTS base_t bigint",
+    "UPDATE astm_refs SET base_t = t WHERE base_t IS NULL",
+    "ALTER TABLE astm_refs ALTER COLUMN base_t SET NOT NULL",
+    """UPDATE astm_log SET changes = (
+        SELECT COALESCE(jsonb_agg(jsonb_build_array(c->0, 'v', c->2)), '[]'::jsonb)::text
+          FROM jsonb_array_elements(changes::jsonb) AS c)""",
+    _COMMIT_FUNCTION,
+]
 
 _COMMIT = "SELECT astm_commit_batch($1::jsonb)"
 
@@ -176,25 +212,11 @@ class _Host(Protocol):
     _attempts: int
     _refs: dict[str, Ref[Any]]
 
-    def _install(
-        self,
-        t: int,
-        refs: list[tuple[str, int, Any, str]],
-        history: list[tuple[int, float, list[tuple[str, Any, Any, str]]]],
-        where: str,
-    ) -> None: ...
+    def _install(self, t: int, refs: list[tuple[str, int, Any]]) -> None: ...
 
     def _apply_logged(
-        self, t: int, when: float, changes: list[tuple[str, Any, Any, str]], where: str
+        self, t: int, when: float, changes: list[tuple[str, tuple[Any, ...]]], where: str
     ) -> tuple[list[tuple[Ref[Any], Any, Any]], list[Waiter] | None, bool]: ...
-
-
-def _decode_row(changes: str) -> list[tuple[str, Any, Any, str]]:
-    """A log row's changes: (name, old, new, new encoded)."""
-    out = []
-    for n, o, v in json.loads(changes):
-        out.append((n, codec.decode(o), codec.decode(v), codec._utf8_safe(codec._dump_fast(v), v)))
-    return out
 
 
 class PostgresStorage:
@@ -219,6 +241,8 @@ class PostgresStorage:
         self._following = False
         #: times this peer lost its notification connection and opened a new one
         self.reconnects = 0
+        #: per ref: deltas stored since its last whole value (past MAX_DELTAS a commit sends the value)
+        self.deltas: dict[str, int] = {}
         self.committer = PostgresCommitter(self)
         self.log = PostgresLog(self)
         self.outbox = PostgresOutbox(self)
@@ -254,26 +278,32 @@ class PostgresStorage:
         try:
             async with self.pool.acquire() as conn:
                 await self._schema(conn)
-                # one snapshot: the basis t, the values at t and the log up to t agree
+                # one snapshot: the basis t and every ref's value at t agree
                 async with conn.transaction(isolation="repeatable_read", readonly=True):
                     t = int(await conn.fetchval("SELECT value FROM astm_meta WHERE key = 't'"))
                     rows = await conn.fetch("SELECT name, t, value FROM astm_refs")
-                    history = await conn.fetch(
-                        "SELECT t, time, changes FROM astm_log WHERE t > $1 AND t <= $2 ORDER BY t",
-                        t - self.timeline.history,
-                        t,
-                    )
-            refs = [(r["name"], r["t"], codec.loads(r["value"]), r["value"]) for r in rows]
-            past = [(r["t"], r["time"], _decode_row(r["changes"])) for r in history]
+                    deltas = await conn.fetch("SELECT name, t, calls FROM astm_ref_deltas ORDER BY name, t")
+            refs = self._values(rows, deltas)
         except BaseException:
             await self.pool.close()
             self.pool = None
             raise
         with self.timeline.lock:
-            self.host._install(t, refs, past, self.where())
+            self.host._install(t, refs)
         await self._listen()
         self._following = True
         spawn(self._follow)
+
+    def _values(self, rows: list[Any], deltas: list[Any]) -> list[tuple[str, int, Any]]:
+        """Every ref's (name, t, value): its whole value at base_t with its deltas applied in t order."""
+        values = {r["name"]: codec.loads(r["value"]) for r in rows}
+        counts: dict[str, int] = {}
+        for d in deltas:
+            name = d["name"]
+            values[name] = apply_calls(values[name], decode_calls(json.loads(d["calls"])))
+            counts[name] = counts.get(name, 0) + 1
+        self.deltas = counts
+        return [(r["name"], r["t"], values[r["name"]]) for r in rows]
 
     async def _schema(self, conn: asyncpg.Connection) -> None:
         import asyncpg
@@ -284,11 +314,13 @@ class PostgresStorage:
                 exists = await conn.fetchval("SELECT to_regclass('astm_meta') IS NOT NULL")
                 if exists:
                     version = await conn.fetchval("SELECT value FROM astm_meta WHERE key = 'schema_version'")
-                    if version is not None and int(version) == 1:
-                        for statement in _MIGRATE_1:
+                    if version is not None and int(version) in (1, 2):
+                        for statement in _MIGRATE:
                             await conn.execute(statement)
-                        await conn.execute("UPDATE astm_meta SET value = $1 WHERE key = 'schema_version'", "2")
-                        version = "2"
+                        await conn.execute(
+                            "UPDATE astm_meta SET value = $1 WHERE key = 'schema_version'", str(SCHEMA_VERSION)
+                        )
+                        version = str(SCHEMA_VERSION)
                     if version is None or int(version) != SCHEMA_VERSION:
                         raise StorageError(
                             self.where(),
@@ -372,12 +404,15 @@ class PostgresStorage:
         tl = self.timeline
         wake: list[Waiter] = []
         watched: list[tuple[Ref[Any], Any, Any]] = []
-        decoded = [(t, when, _decode_row(changes)) for t, when, changes in rows]
+        decoded = [(t, when, decode_row(json.loads(changes))) for t, when, changes in rows]
         with tl.lock:
             for t, when, changes in decoded:
                 if t <= tl.t:
                     continue
                 applied, w, any_watched = self.host._apply_logged(t, when, changes, self.where())
+                counts = self.deltas
+                for name, change in changes:
+                    counts[name] = counts.get(name, 0) + 1 if change[0] == "d" else 0
                 if w:
                     wake.extend(w)
                 if any_watched:
@@ -481,28 +516,31 @@ class PostgresCommitter:
         tl = peer.timeline
         peer.require_pool()
         tx_id = uuid.uuid4()
-        vals = request.vals
         while True:
             with tl.lock:
                 bad = request.stale_reads()
                 if bad:
                     raise _Conflict(bad)
                 commuted = request.finish()
-                names = [r.name for r in vals]
-                news = encode_changes(vals)
-                olds = [r._enc or codec.dumps(r._cur[1], f"ref {r.name!r}") for r in vals]
+                changes = self._whole_after(encode_changes(request))
                 reads = [{"name": r.name, "t": r._cur[0]} for r in request.reads]
                 commutes = [{"name": r.name, "t": r._cur[0]} for r in commuted]
-            changes = (
-                "[" + ",".join(f"[{json.dumps(n)},{o},{e}]" for n, o, e in zip(names, olds, news, strict=True)) + "]"
-            )
+            writes = []
+            for name, kind, text, _ in changes:
+                if kind == "v":
+                    writes.append({"name": name, "kind": "v", "value": text})
+                elif kind == "n":
+                    writes.append({"name": name, "kind": "v", "value": codec.text(json.loads(text)[0])})
+                else:
+                    base, calls = json.loads(text)
+                    writes.append({"name": name, "kind": "d", "base": base, "calls": codec.text(calls)})
             payload = {
                 "id": str(tx_id),
                 "time": time.time(),
                 "reads": reads,
                 "commutes": commutes,
-                "writes": [{"name": n, "value": e} for n, e in zip(names, news, strict=True)],
-                "changes": changes,
+                "writes": writes,
+                "changes": row_text(changes),
                 "outbox": [
                     {"seq": seq, "effect": name, "payload": p, "order_key": ok}
                     for seq, name, p, ok in encode_outbox(request.outbox)
@@ -520,7 +558,7 @@ class PostgresCommitter:
                     if request.pin:
                         tl.pin(t - 1)
                         tl.pin(t)
-                changes_applied = entry[2] if entry is not None else [(r, None, v) for r, v in vals.items()]
+                changes_applied = entry[2] if entry is not None else [(r, None, v) for r, v in request.vals.items()]
                 return t, changes_applied, None, False
             if status == "stale":
                 continue  # only commuted refs moved: re-apply the commutes, not the body
@@ -528,6 +566,17 @@ class PostgresCommitter:
                 raise StorageError(peer.where(), "this commit was fenced after a lost connection", "run it again")
             refs = peer.host._refs
             raise _Conflict([refs[n] for n in result["names"] if n in refs])
+
+    def _whole_after(self, changes: list[tuple[str, str, str, Any]]) -> list[tuple[str, str, str, Any]]:
+        """Send a ref's whole value instead of a delta once it has MAX_DELTAS deltas (a bounded chain)."""
+        counts = self._peer.deltas
+        out = []
+        for change in changes:
+            name, kind, _, value = change
+            if kind == "d" and counts.get(name, 0) >= MAX_DELTAS:
+                change = (name, "v", codec.dumps(value, f"ref {name!r}"), value)
+            out.append(change)
+        return out
 
     async def _batched(self, tx_id: uuid.UUID, payload: dict[str, Any]) -> dict[str, Any]:
         """Queue one commit for the sender task, which sends everything queued in one round trip.

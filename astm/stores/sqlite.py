@@ -7,14 +7,21 @@ thread; the writer takes everything queued, appends it to the log in one
 SQLite transaction with one fsync, and then wakes the transactions waiting for
 that durability. The event loop never touches the disk after open.
 
-The file is log-structured: a commit appends one log row (its changes); the
-``refs`` table is a checkpoint of every ref's value at ``checkpoint_t``,
-brought up to date every ``CHECKPOINT_EVERY`` commits and on close with every
-ref changed since the previous checkpoint. Opening loads the checkpoint and
-replays the log rows after it, and those replayed refs count as changed, so
-the next checkpoint writes them before it moves past their rows. Log rows
-older than both the checkpoint and the history retention are deleted at
-checkpoints.
+The file is log-structured. A commit appends one log row holding its
+changes: a whole value, or, for a change made only with astm's collection
+helpers (``astm.conj``, ``astm.assoc``, ...), a *delta*: those calls and the
+version they apply to, so a commit costs what changed, not the size of the
+value. The ``refs`` table is a checkpoint of every ref's value at
+``checkpoint_t``. Checkpoints lag behind history retention: a checkpoint is
+written only at a ``t`` older than everything ``as_of`` and
+``reports(since=...)`` may still ask for, so opening loads the checkpoint and
+replays every log row after it forward, which rebuilds that history exactly
+(whole values written again only at checkpoints, deltas applied to the very
+version they were made on). Rows up to the checkpoint are deleted. Refs
+replayed on open count as changed, so a later checkpoint writes them before
+it moves past their rows. Changes are grouped in epochs of
+``CHECKPOINT_EVERY`` commits; an epoch is checkpointed once retention no
+longer needs its rows.
 
 A new file is built under a temporary name and renamed into place once
 complete, so a fault while creating it leaves no half-made store behind. A
@@ -39,13 +46,15 @@ from typing import Any
 
 from .. import codec
 from .._backend import Waiter, fire_all
+from .._commit import decode_row, row_text
 from .._errors import AstmError, CommitOutcomeUnknown, StorageError
+from .._ops import apply_calls
 from ..abc import CommitRecord, Key, OutboxEntry, Recovered
 from .memory import MemoryOutbox
 
-__all__ = ["CHECKPOINT_EVERY", "SCHEMA_VERSION", "SqliteOutbox", "SqliteStorage", "load", "read_only", "state"]
+__all__ = ["CHECKPOINT_EVERY", "SCHEMA_VERSION", "SqliteOutbox", "SqliteStorage", "load", "read_only"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CHECKPOINT_EVERY = 1000
 
 _SCHEMA = """
@@ -93,7 +102,7 @@ def read_only(path: str) -> sqlite3.Connection:
             raise StorageError(path, "this SQLite file is not an astm store", "point the store at another path")
         row = conn.execute("SELECT value FROM astm_meta WHERE key = 'schema_version'").fetchone()
         version = int(row[0]) if row else -1
-        if version != SCHEMA_VERSION:
+        if version not in (1, SCHEMA_VERSION):
             raise StorageError(
                 path,
                 f"schema version {version} is not the version {SCHEMA_VERSION} this astm reads",
@@ -108,6 +117,13 @@ def read_only(path: str) -> sqlite3.Connection:
     return conn
 
 
+def _wal(conn: sqlite3.Connection, path: str) -> None:
+    """Put the file in WAL mode, or fail: SQLite answers with the mode it kept when it cannot switch."""
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise sqlite3.OperationalError(f"the file could not be put in WAL mode (it stayed in {mode!r} mode)")
+
+
 def _is_empty_database(path: Path) -> bool:
     """A SQLite file with no tables at all (what a creation cut short may leave): safe to build anew."""
     try:
@@ -120,40 +136,53 @@ def _is_empty_database(path: Path) -> bool:
         return False
 
 
-def load(conn: sqlite3.Connection, path: str = "") -> Recovered:
-    """What an astm file holds: the checkpoint and the log rows (decoded), as a store installs them."""
+def load(conn: sqlite3.Connection, path: str = "") -> tuple[Recovered, dict[str, tuple[int, Any]]]:
+    """What an astm file holds: the checkpoint, and every later commit with its values worked out.
+
+    Returns the recovery and every ref's (t, value) after the last commit.
+    A delta applies only to the version it was made on; any other base means
+    the file is inconsistent (a ``StorageError``).
+    """
     try:
+        version = int(conn.execute("SELECT value FROM astm_meta WHERE key = 'schema_version'").fetchone()[0])
         rec = Recovered()
         rec.checkpoint_t = int(conn.execute("SELECT value FROM astm_meta WHERE key = 'checkpoint_t'").fetchone()[0])
+        current: dict[str, tuple[int, Any]] = {}
         for name, t, value in conn.execute("SELECT name, t, value FROM refs ORDER BY rowid"):
-            rec.refs.append((name, t, codec.loads(value), value))
-        for t, when, changes in conn.execute("SELECT t, time, changes FROM log ORDER BY t"):
-            row = []
-            for n, o, v in json.loads(changes):
-                row.append((n, codec.decode(o), codec.decode(v), _text(v)))
+            decoded = codec.loads(value)
+            rec.refs.append((name, t, decoded))
+            current[name] = (t, decoded)
+        for t, when, changes in conn.execute(
+            "SELECT t, time, changes FROM log WHERE t > ? ORDER BY t", (rec.checkpoint_t,)
+        ):
+            items = json.loads(changes)
+            if version == 1:  # [name, old, new]
+                items = [[name, "v", new] for name, _old, new in items]
+            row: list[tuple[str, tuple[Any, ...]]] = []
+            for name, change in decode_row(items):
+                if change[0] == "v":
+                    value = change[1]
+                else:
+                    _, base, calls = change
+                    have = current.get(name)
+                    if have is None or have[0] != base:
+                        raise StorageError(
+                            path,
+                            f"log row t={t} changes ref {name!r} by a delta on its version t={base}, but the file "
+                            f"holds {'no such ref' if have is None else f'version t={have[0]}'}; it is inconsistent",
+                            "restore it from a backup",
+                        )
+                    value = apply_calls(have[1], calls)
+                current[name] = (t, value)
+                row.append((name, ("v", value, *change[2:])))
             rec.log.append((t, when, row))
-        return rec
+        return rec, current
+    except StorageError:
+        raise
     except AstmError as exc:
         raise StorageError(path, f"cannot read a stored value ({exc})", "import the modules that define it") from exc
     except (sqlite3.Error, ValueError, KeyError, TypeError, IndexError) as exc:
         raise StorageError(path, f"the file is damaged ({exc!r})", "restore it from a backup") from exc
-
-
-def state(rec: Recovered) -> tuple[int, dict[str, tuple[int, Any]]]:
-    """The basis t and every ref's (t, value) that a store opened on ``rec`` would have."""
-    refs = {name: (t, value) for name, t, value, _ in rec.refs}
-    basis = rec.checkpoint_t
-    for t, _when, changes in rec.log:
-        if t > rec.checkpoint_t:
-            for name, _old, new, _enc in changes:
-                refs[name] = (t, new)
-            basis = t
-    return basis, refs
-
-
-def _text(encoded: Any) -> str:
-    """The codec text of an already parsed tagged value (as ``codec.dumps`` would write it)."""
-    return codec._utf8_safe(codec._dump_fast(encoded), encoded)
 
 
 def load_outbox(conn: sqlite3.Connection, path: str = "") -> list[tuple[OutboxEntry, bool]]:
@@ -209,11 +238,13 @@ class SqliteStorage:
         self._unknown_upto = 0
         self._history = history
         self._history_seconds = history_seconds
-        #: the retention floor the newest written commit reported
-        self._floor = 0
-        #: the t of the refs table's checkpoint, and the newest (t, value) of every ref changed since
+        #: the t of the refs table's checkpoint
         self._checkpoint_t = 0
-        self._dirty: dict[str, tuple[int, str]] = {}
+        #: refs changed in the current epoch: name -> (t, value encoded or None, value), and where it began
+        self._epoch: dict[str, tuple[int, str | None, Any]] = {}
+        self._epoch_start = 0
+        #: closed epochs not yet checkpointed, oldest first: (their last t, their changes)
+        self._epochs: deque[tuple[int, dict[str, tuple[int, str | None, Any]]]] = deque()
         #: the writer is waiting for work (so a submit must wake it)
         self._idle = False
         self._queue: deque[CommitRecord | _OutboxOp] = deque()
@@ -272,20 +303,44 @@ class SqliteStorage:
             return Recovered()
         conn = read_only(self.path)
         try:
-            rec = load(conn, self.path)
+            version = int(conn.execute("SELECT value FROM astm_meta WHERE key = 'schema_version'").fetchone()[0])
+            rec, current = load(conn, self.path)
             for entry, dead in load_outbox(conn, self.path):
                 self.outbox.recovered(entry, dead)
         finally:
             conn.close()
-        self._checkpoint_t = rec.checkpoint_t
-        self.durable_t = rec.checkpoint_t
-        for t, _when, changes in rec.log:
-            if t > rec.checkpoint_t:
-                # replayed on open: the refs table does not hold these values yet
-                for name, _old, _new, enc in changes:
-                    self._dirty[name] = (t, enc)
-                self.durable_t = t
+        if version != SCHEMA_VERSION:
+            self._migrate(version)
+        self._checkpoint_t = self._epoch_start = rec.checkpoint_t
+        self.durable_t = rec.log[-1][0] if rec.log else rec.checkpoint_t
+        if rec.log:
+            # replayed on open: the refs table does not hold these values yet
+            changed = {name for _, _, changes in rec.log for name, _ in changes}
+            self._epochs.append(
+                (self.durable_t, {name: (*current[name][:1], None, current[name][1]) for name in changed})
+            )
+            self._epoch_start = self.durable_t
         return rec
+
+    def _migrate(self, version: int) -> None:
+        """Bring a file of schema version 1 (rows of [name, old, new]) to this version's rows."""
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            checkpoint = int(conn.execute("SELECT value FROM astm_meta WHERE key = 'checkpoint_t'").fetchone()[0])
+            conn.execute("DELETE FROM log WHERE t <= ?", (checkpoint,))  # the old rows before it held history only
+            rows = conn.execute("SELECT t, changes FROM log").fetchall()
+            for t, changes in rows:
+                items = [[name, "v", new] for name, _old, new in json.loads(changes)]
+                conn.execute("UPDATE log SET changes = ? WHERE t = ?", (codec.text(items), t))
+            conn.execute("UPDATE astm_meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+            conn.execute("COMMIT")
+        except (sqlite3.Error, ValueError) as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise StorageError(self.path, f"upgrading the file from schema {version} failed ({exc})", "") from exc
+        finally:
+            conn.close()
 
     def _create(self, p: Path) -> None:
         """Build a new, empty store file under a temporary name, then move it into place."""
@@ -296,7 +351,7 @@ class SqliteStorage:
         try:
             conn = sqlite3.connect(tmp, isolation_level=None)
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
+                _wal(conn, self.path)
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("BEGIN")
                 for statement in _SCHEMA.split(";"):
@@ -356,7 +411,7 @@ class SqliteStorage:
             return
         top = 0
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            _wal(conn, self.path)
             conn.execute("PRAGMA synchronous=FULL")
             while True:
                 with self._cv:
@@ -374,12 +429,13 @@ class SqliteStorage:
                 self._write(conn, batch)
                 if top:
                     self._durable(top)
-                if self.durable_t > self._checkpoint_t + CHECKPOINT_EVERY:
-                    top = 0
-                    self._checkpoint(conn, self.durable_t)
-            if self.durable_t > self._checkpoint_t or self._dirty:
-                top = 0
-                self._checkpoint(conn, self.durable_t)
+                    if self._epochs and self._epochs[0][0] <= top - self._history:
+                        top = 0
+                        self._checkpoint(conn)
+            top = 0
+            if self._epoch:
+                self._close_epoch(self.durable_t)
+            self._checkpoint(conn)
         except BaseException as exc:
             self._fail(exc, top)
         finally:
@@ -391,17 +447,16 @@ class SqliteStorage:
         log_rows = []
         outbox_rows = []
         ops: list[_OutboxOp] = []
-        dirty = self._dirty
         for item in batch:
             if isinstance(item, CommitRecord):
-                parts = []
-                for name, old, new in item.changes:
-                    dirty[name] = (item.t, new)
-                    parts.append(f"[{json.dumps(name)},{old},{new}]")
-                log_rows.append((item.t, item.time, f"[{','.join(parts)}]"))
+                if item.t > self._epoch_start + CHECKPOINT_EVERY:
+                    self._close_epoch(item.t - 1)
+                epoch = self._epoch
+                for name, kind, text, value in item.changes:
+                    epoch[name] = (item.t, text if kind == "v" else None, value)
+                log_rows.append((item.t, item.time, row_text(item.changes)))
                 for seq, name, payload, ok in item.outbox:
                     outbox_rows.append((item.t, seq, name, payload, ok))
-                self._floor = item.floor
             else:
                 ops.append(item)
         conn.execute("BEGIN IMMEDIATE")
@@ -427,34 +482,55 @@ class SqliteStorage:
                 conn.execute("ROLLBACK")
             raise
 
-    def _checkpoint(self, conn: sqlite3.Connection, top: int) -> None:
-        """Write every ref changed since the last checkpoint; drop log rows nobody needs.
+    def _close_epoch(self, top: int) -> None:
+        if self._epoch:
+            self._epochs.append((top, self._epoch))
+            self._epoch = {}
+        self._epoch_start = top
 
-        A log row is kept while it is after the checkpoint (recovery replays it)
-        or within history retention (``as_of``, ``reports`` after a restart).
-        """
-        floor = min(self._floor, top - self._history, top)
+    def _floor(self, conn: sqlite3.Connection) -> int:
+        """The newest t whose log rows history retention no longer needs."""
+        floor = self.durable_t - self._history
         if self._history_seconds is not None:
             row = conn.execute(
                 "SELECT MIN(t) FROM log WHERE time >= ?", (time.time() - self._history_seconds,)
             ).fetchone()
-            if row[0] is not None:
-                floor = min(floor, row[0] - 1)
+            floor = min(floor, self.durable_t if row[0] is None else row[0] - 1)
+        return floor
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        """Write the epochs retention no longer needs into the refs table, and drop their log rows.
+
+        The checkpoint moves only to a ``t`` older than every ``t`` history may
+        still be asked for, so the rows after it always rebuild that history.
+        """
+        floor = self._floor(conn)
+        merged: dict[str, tuple[int, str | None, Any]] = {}
+        top = 0
+        epochs = self._epochs
+        while epochs and epochs[0][0] <= floor:
+            top, changes = epochs.popleft()
+            merged.update(changes)
+        if not top:
+            return
+        rows = []
+        for name, (t, text, value) in merged.items():
+            rows.append((name, t, text if text is not None else codec.dumps(value, f"ref {name!r}")))
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(
                 "INSERT INTO refs (name, t, value) VALUES (?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET t = excluded.t, value = excluded.value",
-                [(name, t, enc) for name, (t, enc) in self._dirty.items()],
+                rows,
             )
             conn.execute("UPDATE astm_meta SET value = ? WHERE key = 'checkpoint_t'", (str(top),))
-            conn.execute("DELETE FROM log WHERE t <= ?", (floor,))
+            conn.execute("DELETE FROM log WHERE t <= ?", (top,))
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+            epochs.appendleft((top, merged))  # not written: keep it for the next try
             raise
-        self._dirty.clear()
         self._checkpoint_t = top
 
     def _durable(self, t: int) -> None:
