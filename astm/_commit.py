@@ -172,8 +172,6 @@ class LocalCommitter:
             changes, wake, watched = tl.apply(t, now, vals.items())
             if log.encodes:
                 log.submit(t, CommitRecord(t, now, changes_out, entries))
-            else:
-                log.submit(t, None)
             if request.pin:
                 tl.pin(t - 1)
                 tl.pin(t)

@@ -213,7 +213,12 @@ class Transaction:
 
     def _bind(self, ref: Ref[Any]) -> None:
         """First ref of a decorated transaction fixes its store and read point."""
-        self.bind_store(ref._store, ref.name)
+        store = ref._store
+        if self.store is None and self.vals is not _SEALED:
+            self.store = store
+            self.rp = store._timeline.t
+        else:
+            self.bind_store(store, ref.name)
 
     def bind_store(self, store: Host, what: str | None = None) -> None:
         if self.store is None:
@@ -664,7 +669,8 @@ async def run_transaction(
             tx.release_claims()
         # the dbs of a report own their pins from here on: a cancelled wait below releases them
         rep = _report(tx, r, t, changes) if report else None
-        await _after_durable(st, t, tx.outbox)
+        if tx.outbox is not None or st._log.durable_t < t:
+            await _after_durable(st, t, tx.outbox)
         if watched or tx.effects is not None:
             await _after_commit(tx, changes)
         return r if rep is None else rep

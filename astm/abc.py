@@ -77,7 +77,7 @@ class LogStorage(Protocol):
         ...
 
     def submit(self, t: int, record: CommitRecord | None) -> None:
-        """Take commit ``t`` (under the timeline's lock, in t order; never blocks)."""
+        """Take commit ``t`` (under the timeline's lock, in t order; never blocks); only if ``encodes``."""
         ...
 
     async def wait_durable(self, t: int) -> None:
