@@ -23,6 +23,7 @@ from ._errors import HistoryUnavailable as HistoryUnavailable
 from ._errors import IOInTransactionError as IOInTransactionError
 from ._errors import MutableValueError as MutableValueError
 from ._errors import NotInTransactionError as NotInTransactionError
+from ._errors import RefNotLoaded as RefNotLoaded
 from ._errors import RetryLimitExceeded as RetryLimitExceeded
 from ._errors import StorageError as StorageError
 from ._errors import StoreClosed as StoreClosed
@@ -72,6 +73,7 @@ __all__ = [
     "NotInTransactionError",
     "Outbox",
     "Ref",
+    "RefNotLoaded",
     "RetryLimitExceeded",
     "Stats",
     "StorageError",

@@ -19,7 +19,7 @@ commutes, validators, encoding) live here, once.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from time import monotonic as _monotonic
 from time import time as _time
 from typing import TYPE_CHECKING, Any, Protocol
@@ -85,6 +85,10 @@ class CommitRequest:
         self.pin = pin
         #: refs changed only by structural helper calls on their committed value: those calls
         self.ops = ops
+
+    def versions(self, refs: Iterable[Ref[Any]]) -> list[tuple[str, int]]:
+        """(name, version t) of each ref now (under the lock): what a remote committer validates."""
+        return [(r.name, r._cur[0]) for r in refs]
 
     def stale_reads(self) -> list[Ref[Any]]:
         """The checked refs that have a version after the read point (under the lock)."""

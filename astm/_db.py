@@ -7,11 +7,12 @@ versions it needs are kept, and dropping it releases them.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar, overload
 
-from ._errors import HistoryUnavailable
+from ._errors import HistoryUnavailable, RefNotLoaded
 
 if TYPE_CHECKING:
     from ._ref import Ref
@@ -60,6 +61,8 @@ class Db:
         tl = self._store._timeline
         v = tl.version_at(ref, t)
         if v is None:
+            if cur[0] == sys.maxsize:  # a ref a PostgreSQL peer has not loaded
+                raise RefNotLoaded(ref.name)
             raise HistoryUnavailable(t, tl.oldest, "db value")
         return v
 

@@ -16,6 +16,7 @@ The tree::
     ├── ValidationError (ValueError)           a validator refused a new value
     ├── RetryLimitExceeded                     a transaction kept conflicting
     ├── HistoryUnavailable (LookupError)       as_of / reports beyond retention
+    ├── RefNotLoaded (LookupError)             a read outside transactions of a ref a peer has not cached
     ├── SyncTimeout (TimeoutError)             sync(t) waited too long
     ├── AgentFailed (RuntimeError)             a send to (or wait on) a failed agent
     ├── AgentWaitError (RuntimeError)          agent.wait() where it could never return right
@@ -43,6 +44,7 @@ __all__ = [
     "IOInTransactionError",
     "MutableValueError",
     "NotInTransactionError",
+    "RefNotLoaded",
     "RetryLimitExceeded",
     "StoreClosed",
     "StorageError",
@@ -231,6 +233,22 @@ class HistoryUnavailable(AstmError, LookupError):
             f"{what}({t}): that point is no longer retained; the oldest t available is "
             f"{oldest}. Resume from a fresh db value (store.db()) or keep more history "
             "(Store(history=..., history_seconds=...))"
+        )
+
+
+class RefNotLoaded(AstmError, LookupError):
+    """Raised when a ref a PostgreSQL peer has not loaded (or has evicted) is read outside a transaction.
+
+    Inside a transaction the peer fetches it and runs the body again; a plain
+    read cannot wait.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"ref {name!r} is not loaded in this peer's cache, and a read outside a transaction cannot wait "
+            "for it; read it inside a transaction (`await store.atomically(ref.get)`) or load it first "
+            "(`await store.load(ref)`)"
         )
 
 

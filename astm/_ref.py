@@ -10,19 +10,33 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from . import _tx
 from ._backend import Waiter
-from ._errors import NotInTransactionError
+from ._errors import NotInTransactionError, RefNotLoaded
 from ._tx import _NO, Claimant, _current
 from ._values import _IMMUTABLE_FAST
 
 if TYPE_CHECKING:
     from ._store import Store
 
-__all__ = ["Ref"]
+__all__ = ["COLD", "Cold", "Ref"]
 
 T = TypeVar("T")
 
 Watch = Callable[[Any, "Ref[Any]", Any, Any], Any]
+
+#: the version of a ref whose value this process does not hold (a PostgreSQL peer's cache miss):
+#: newer than every read point, so every read of it takes the engine's slow path and fetches it
+COLD = _tx.COLD
+
+
+class Cold:
+    """The value slot of a cold ref: what it holds if storage has no value for it (its initial value)."""
+
+    __slots__ = ("initial",)
+
+    def __init__(self, initial: Any) -> None:
+        self.initial = initial
 
 
 class Ref(Generic[T]):
@@ -84,7 +98,10 @@ class Ref(Generic[T]):
         """The in-transaction value inside a transaction (checked at commit), else the newest committed value."""
         tx = _current.get()
         if tx is None:
-            return self._cur[1]
+            cur = self._cur
+            if cur[0] == COLD:
+                raise RefNotLoaded(self.name)
+            return cur[1]
         # the common case inline (this is the hot path); the rest in the engine
         v = tx.vals.get(self, _NO)
         if v is not _NO:
@@ -106,7 +123,10 @@ class Ref(Generic[T]):
         """
         tx = _current.get()
         if tx is None:
-            return self._cur[1]
+            cur = self._cur
+            if cur[0] == COLD:
+                raise RefNotLoaded(self.name)
+            return cur[1]
         return tx.peek(self)  # type: ignore[no-any-return]
 
     def set(self, value: T) -> T:
@@ -184,4 +204,6 @@ class Ref(Generic[T]):
 
     def __repr__(self) -> str:
         t, v = self._cur
+        if t == COLD:
+            return f"<astm.Ref {self.name!r} (not loaded)>"
         return f"<astm.Ref {self.name!r} t={t} value={v!r}>"

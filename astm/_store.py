@@ -9,7 +9,9 @@ every store.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Coroutine
+import itertools
+import weakref
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, MutableMapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -21,10 +23,10 @@ from ._agent import Agent, AgentFamily, ErrorMode
 from ._atom import Atom
 from ._commit import LocalCommitter, validate_value
 from ._db import Db, TxReport
-from ._errors import HistoryUnavailable, StorageError, StoreClosed, SyncTimeout
+from ._errors import HistoryUnavailable, StorageError, StoreClosed, StoreMismatchError, SyncTimeout
 from ._ops import apply_calls
 from ._outbox import Effect, Handler, Outbox
-from ._ref import Ref
+from ._ref import COLD, Cold, Ref
 from ._timeline import Timeline
 from ._tx import run_transaction
 from ._values import check_value
@@ -56,6 +58,11 @@ class Stats:
     blocked: int
     #: the refs that caused the most conflicts: (name, count), most first
     conflicts: tuple[tuple[str, int], ...]
+    #: reads of refs a PostgreSQL peer did not hold, so it fetched them (0 on other stores)
+    misses: int = 0
+    #: refs a PostgreSQL peer holds in its cache, and how many it dropped to stay in its bound
+    cached: int = 0
+    evicted: int = 0
 
 
 class Store:
@@ -89,6 +96,7 @@ class Store:
         retry_limit: int = 10_000,
         outbox_concurrency: int = 16,
         durability: str = "sync",
+        cache_refs: int = 100_000,
     ) -> None:
         if durability not in ("sync", "async"):
             raise ValueError(f"durability must be 'sync' or 'async', got {durability!r}")
@@ -98,6 +106,8 @@ class Store:
             raise ValueError(f"history_seconds must be >= 0 or None, got {history_seconds!r}")
         if not isinstance(retry_limit, int) or retry_limit < 1:
             raise ValueError(f"retry_limit must be a positive int, got {retry_limit!r}")
+        if not isinstance(cache_refs, int) or cache_refs < 1:
+            raise ValueError(f"cache_refs must be a positive number of refs, got {cache_refs!r}")
         if not isinstance(outbox_concurrency, int) or outbox_concurrency < 1:
             raise ValueError(f"outbox concurrency must be a positive int, got {outbox_concurrency!r}")
         self.url = url or "memory://"
@@ -105,7 +115,14 @@ class Store:
         self._timeline = Timeline(history, history_seconds)
         #: the timeline's lock: every commit, claim and ref creation of this store
         self._lock = self._timeline.lock
-        self._refs: dict[str, Ref[Any]] = {}
+        self._refs: MutableMapping[str, Ref[Any]] = {}
+        self._next_ord = 0
+        #: a PostgreSQL peer holds refs lazily: the ones it used, at most cache_refs, least recently used first
+        self._lazy = False
+        self._cache: dict[Ref[Any], None] = {}
+        self._cache_refs = cache_refs
+        self._evictions = 0
+        self._misses = 0
         self._atoms: dict[str, Atom[Any]] = {}
         self._agents: dict[str, AgentFamily[Any]] = {}
         self._closed = False
@@ -136,6 +153,8 @@ class Store:
             from .stores.postgres import PostgresStorage
 
             peer = self._peer = PostgresStorage(url, self._timeline, self)
+            self._lazy = True
+            self._refs = weakref.WeakValueDictionary()  # held by users, the cache, or the log
             self._committer = peer.committer
             return peer.log, peer.outbox
         if url.startswith("sqlite:///"):
@@ -185,8 +204,13 @@ class Store:
         if t != tl.t + 1:
             raise StorageError(where, f"the stored log jumps from t={tl.t} to t={t}", "restore it from a backup")
         writes = []
+        lazy = self._lazy
         for name, change in changes:
             r = self._refs.get(name)
+            if lazy:
+                if r is None or r._cur[0] == COLD or r._cur[0] >= t:
+                    continue  # a ref this peer does not hold: its next read fetches it
+                self._touch((r,))
             if change[0] == "v":
                 new = change[1]
                 if r is None:  # first committed elsewhere: what it held before, when the log says
@@ -207,9 +231,58 @@ class Store:
 
     def _new_ref(self, name: str, value: Any) -> Ref[Any]:
         """Make and register a ref (under the lock); its creation is not a commit."""
-        r = Ref(self, name, value, None, len(self._refs))
+        r = Ref(self, name, value, None, self._next_ord)
+        self._next_ord += 1
         self._refs[name] = r
         return r
+
+    # -- a PostgreSQL peer's cache of refs -------------------------------------------
+
+    def _cold(self, refs: Iterable[Ref[Any]]) -> list[Ref[Any]]:
+        return [r for r in refs if r._cur[0] == COLD]
+
+    def _warm(self, refs: list[Ref[Any]], found: dict[str, tuple[int, Any]]) -> None:
+        """Install fetched refs (under the lock): the stored version, or the initial value if none is stored."""
+        for r in refs:
+            cur = r._cur
+            if cur[0] != COLD:
+                continue  # another fetch got it first
+            r._cur = found.get(r.name) or (0, cur[1].initial)
+            self._cache[r] = None
+        self._evict()
+
+    def _touch(self, refs: Iterable[Ref[Any]]) -> None:
+        """These refs were just used: the last to be evicted (under the lock)."""
+        cache = self._cache
+        for r in refs:
+            if r in cache:
+                del cache[r]
+                cache[r] = None
+
+    def _evict(self) -> None:
+        """Past the cache bound, drop the values of the least recently used refs (under the lock)."""
+        cache = self._cache
+        if len(cache) <= self._cache_refs:
+            return
+        for r in list(itertools.islice(cache, len(cache) - int(self._cache_refs * 0.9))):
+            del cache[r]
+            t, v = r._cur
+            r._cur = (COLD, Cold(v if t == 0 else None))
+            self._evictions += 1
+
+    async def _load(self, refs: list[Ref[Any]]) -> None:
+        if self._peer is not None:
+            await self._peer.load(refs)
+
+    async def load(self, *refs: Ref[Any]) -> None:
+        """Warm a PostgreSQL peer: read these refs now, in one query, so reads outside transactions work.
+
+        Other stores hold every ref already; there it does nothing.
+        """
+        for r in refs:
+            if r._store is not self:
+                raise StoreMismatchError(r.name)
+        await self._load(list(refs))
 
     # -- identities ----------------------------------------------------------
 
@@ -231,9 +304,12 @@ class Store:
                     validate_value(name, validator, initial)
                 r = self._new_ref(name, initial)
                 r._validator = validator
+                if self._lazy:
+                    r._cur = (COLD, Cold(initial))  # read from the database when first used
                 return r
         if validator is not None and validator is not r._validator:
-            validate_value(name, validator, r._cur[1])
+            if r._cur[0] != COLD:
+                validate_value(name, validator, r._cur[1])
             r._validator = validator
         return r
 
@@ -421,7 +497,17 @@ class Store:
                 ((r.name, r._conflicts) for r in self._refs.values() if r._conflicts),
                 key=lambda kv: -kv[1],
             )[:10]
-            return Stats(self._commits, self._attempts, self._retries, self._faults, self._blocked, tuple(hot))
+            return Stats(
+                self._commits,
+                self._attempts,
+                self._retries,
+                self._faults,
+                self._blocked,
+                tuple(hot),
+                self._misses,
+                len(self._cache),
+                self._evictions,
+            )
 
     @property
     def closed(self) -> bool:

@@ -36,6 +36,7 @@ import functools
 import inspect
 import logging
 import random
+import sys
 import time
 import types
 from collections import deque
@@ -62,6 +63,9 @@ from ._errors import (
 )
 from ._ops import STRUCTURAL, check_args
 from ._values import _IMMUTABLE_FAST, check_value
+
+#: the version of a ref a PostgreSQL peer has not loaded (see astm._ref.COLD)
+COLD = sys.maxsize
 
 if TYPE_CHECKING:
     from ._outbox import Outbox
@@ -125,7 +129,12 @@ class Host(Protocol):
     _retries: int
     _faults: int
     _blocked: int
+    _misses: int
     outbox: Outbox
+
+    async def _load(self, refs: list[Ref[Any]]) -> None:
+        """Fetch refs this process does not hold (a PostgreSQL peer's cache misses)."""
+        ...
 
 
 class _Sealed:
@@ -748,6 +757,12 @@ async def _after_conflict(tx: Transaction, c: _Conflict, retry_limit: int | None
     tx.seal()
     store = tx.store
     assert store is not None
+    if c.fault:
+        cold = [r for r in c.refs if r._cur[0] == COLD]
+        if cold:  # a cache miss, not a conflict: fetch what the body wanted and run it again
+            store._misses += len(cold)
+            await store._load(cold)
+            return tx.next_attempt()
     conflicts = tx.conflicts
     if conflicts is None:
         conflicts = tx.conflicts = {}

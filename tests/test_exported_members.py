@@ -19,7 +19,7 @@ def test_public_surface_is_pinned() -> None:
         "Agent", "AgentFailed", "AgentFamily", "AgentWaitError", "AstmError", "Atom", "AtomInTransactionError",
         "Change", "CodecError", "CommitOutcomeUnknown", "CommuteConflictError", "Db", "DeadLetter", "Effect",
         "HistoryUnavailable", "IOInTransactionError", "MutableValueError", "NotInTransactionError",
-        "Outbox", "Ref", "RetryLimitExceeded", "Stats", "StorageError", "Store", "StoreClosed",
+        "Outbox", "Ref", "RefNotLoaded", "RetryLimitExceeded", "Stats", "StorageError", "Store", "StoreClosed",
         "StoreMismatchError", "SyncTimeout", "TransactionEndedError", "TxReport", "ValidationError",
         "after_commit", "assoc", "check", "conj", "disj", "dissoc", "in_transaction", "io", "or_else",
         "retry", "run", "transactional",

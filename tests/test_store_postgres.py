@@ -54,9 +54,10 @@ async def _log_rows(dsn: str) -> list[tuple[int, list[Any]]]:
 
 class TestPeers:
     async def test_read_your_writes_across_peers(self, pg_dsn: str) -> None:
-        """A write on one peer is visible on another after sync(t); the second peer catches up by itself."""
+        """A write on one peer is visible on another after sync(t); the second peer follows by itself."""
         async with astm.Store(pg_dsn) as a, astm.Store(pg_dsn) as b:
             ra, rb = a.ref("r", 0), b.ref("r", 0)
+            await b.load(rb)  # b holds r: it follows its changes
             rep = await a.transact(lambda: ra.set(42))
             db = await b.sync(rep.t, timeout=5)
             assert db.t >= rep.t and db[rb] == 42 and rb.get() == 42
@@ -92,6 +93,7 @@ class TestPeers:
                     runs += 1
                     r.commute(lambda v: v + 1)
 
+                await store.load(r)  # a first read would fetch it and run the body again
                 for _ in range(50):
                     await store.atomically(body)
 
@@ -104,14 +106,20 @@ class TestPeers:
     async def test_outbox_two_peers_exactly_once_after_dedup(self, pg_dsn: str) -> None:
         """Two peers dispatch the shared outbox: every committed entry arrives, deduped by key exactly once."""
         got: list[tuple[str, Key]] = []
+        b_delivered = anyio.Event()
         async with astm.Store(pg_dsn) as a, astm.Store(pg_dsn) as b:
             for peer, store in (("a", a), ("b", b)):
 
                 @store.effect("mail", backoff=0.01)
                 async def mail(payload: int, *, key: Key, peer: str = peer) -> None:
+                    if peer == "a":  # a holds its first deliveries until b has taken some: both must work
+                        with anyio.move_on_after(5):
+                            await b_delivered.wait()
                     if random.random() < 0.2:
                         raise ConnectionError("flaky")
                     got.append((peer, key))
+                    if peer == "b":
+                        b_delivered.set()
 
             ea = a.outbox._effects["mail"]
 
@@ -218,7 +226,9 @@ class TestDeltas:
             for i in range(MAX_DELTAS + 10):
                 await a.atomically(lambda i=i: ledger.commute(astm.conj, i))
             db = await b.sync(a.t, timeout=10)
-            assert db[b.ref("ledger", ())] == ledger.get()
+            theirs = b.ref("ledger", ())
+            await b.load(theirs)
+            assert db[theirs] == ledger.get()
         conn = await asyncpg.connect(pg_dsn)
         try:
             deltas = await conn.fetchval("SELECT count(*) FROM astm_ref_deltas WHERE name = 'ledger'")
@@ -228,7 +238,9 @@ class TestDeltas:
         assert 0 < deltas <= MAX_DELTAS, "the delta chain is bounded by a whole value now and then"
         assert sizes[0] > 3000 and sorted(sizes)[len(sizes) // 2] < 200, "the log carries deltas, not the ledger"
         async with astm.Store(pg_dsn) as c:
-            assert c.ref("ledger", ()).get() == (*range(1000), *range(MAX_DELTAS + 10))
+            fresh = c.ref("ledger", ())
+            await c.load(fresh)  # one query: the whole value at its base and the deltas after it
+            assert fresh.get() == (*range(1000), *range(MAX_DELTAS + 10))
 
     async def test_a_delta_on_the_wrong_version_never_applies(self, pg_dsn: str) -> None:
         """The database refuses a delta whose base is not the ref's version; the commit runs again instead."""
@@ -255,6 +267,80 @@ class TestDeltas:
             assert r.get() == (1, 2, 3) and store.t == 3
 
 
+class TestLazyRefs:
+    async def test_a_peer_opens_holding_nothing_and_reads_through(self, pg_dsn: str) -> None:
+        """Opening reads no ref; a read in a transaction fetches it (a miss, counted) and runs the body again."""
+        async with astm.Store(pg_dsn) as writer:
+            refs = [writer.ref(f"r{i}", 0) for i in range(500)]
+            await writer.atomically(lambda: [r.set(i) for i, r in enumerate(refs)])
+        async with astm.Store(pg_dsn) as peer:
+            assert peer.stats().cached == 0 and peer.t == 1
+            r7 = peer.ref("r7", -1)
+            with pytest.raises(astm.RefNotLoaded, match="store.load"):
+                r7.get()
+            assert await peer.atomically(r7.get) == 7
+            stats = peer.stats()
+            assert (stats.misses, stats.cached) == (1, 1)
+            assert r7.get() == 7  # held now
+            others = [peer.ref(f"r{i}", -1) for i in range(10, 20)]
+            await peer.load(*others)  # warming: one query for many
+            assert [r.get() for r in others] == list(range(10, 20)) and peer.stats().misses == 1
+            new = peer.ref("never-stored", "initial")
+            assert await peer.atomically(new.get) == "initial"
+
+    async def test_a_ref_fetched_while_another_peer_commits_to_it(self, pg_dsn: str) -> None:
+        """A peer loading a ref under a stream of commits to it sees a consistent prefix, then follows exactly."""
+        async with astm.Store(pg_dsn) as a, astm.Store(pg_dsn) as b:
+            log_a: astm.Ref[Any] = a.ref("log", ())
+            await a.atomically(lambda: log_a.set((0,)))
+            done = False
+            seen: list[tuple[int, ...]] = []
+
+            async def append() -> None:
+                for i in range(1, 150):
+                    await a.atomically(lambda i=i: log_a.commute(astm.conj, i))
+                nonlocal done
+                done = True
+
+            async def read() -> None:
+                while not done:
+                    fresh = astm.Store(pg_dsn)  # a new peer each time: the fetch races the commits
+                    async with fresh:
+                        r: astm.Ref[Any] = fresh.ref("log", ())
+                        seen.append(await fresh.atomically(r.get))
+                        await anyio.sleep(0)
+                        seen.append(await fresh.atomically(r.get))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(append)
+                tg.start_soon(read)
+            lb: astm.Ref[Any] = b.ref("log", ())
+            await b.load(lb)
+            final = log_a.get()
+            assert final == tuple(range(150))
+            assert seen and all(v == final[: len(v)] for v in seen), "a read is not a prefix of the history"
+            assert (await b.sync(a.t, timeout=10))[lb] == final
+
+    async def test_eviction_bounds_the_cache_and_refetches_fresh(self, pg_dsn: str) -> None:
+        """Past cache_refs the least recently used refs are dropped; an evicted ref is read fresh, not stale."""
+        async with astm.Store(pg_dsn) as writer, astm.Store(pg_dsn, cache_refs=10) as peer:
+            refs = [writer.ref(f"k{i}", 0) for i in range(40)]
+            await writer.atomically(lambda: [r.set(1) for r in refs])
+            mine = [peer.ref(f"k{i}", 0) for i in range(40)]
+            await peer.sync(writer.t)
+            for r in mine:
+                assert await peer.atomically(r.get) == 1
+            stats = peer.stats()
+            assert stats.cached <= 10 and stats.evicted >= 30
+            with pytest.raises(astm.RefNotLoaded):
+                mine[0].get()  # evicted
+            await writer.atomically(lambda: refs[0].set(2))  # changed while this peer did not hold it
+            await peer.sync(writer.t)
+            assert await peer.atomically(mine[0].get) == 2
+            await peer.atomically(lambda: mine[0].alter(lambda v: v + 1))
+            assert (await writer.sync(peer.t))[refs[0]] == 3
+
+
 class TestProcesses:
     async def test_read_your_writes_across_processes(self, pg_dsn: str) -> None:
         """A t committed by another process is readable here after sync(t)."""
@@ -271,6 +357,7 @@ class TestProcesses:
             result = await anyio.run_process([sys.executable, "-c", code, pg_dsn])
             t = int(result.stdout.split()[-1])
             db = await store.sync(t, timeout=10)
+            await store.load(note)
             assert db.t >= t and db[note] == "from the other process"
 
     def test_four_processes_keep_the_total(self, pg_dsn: str) -> None:
@@ -314,7 +401,9 @@ class TestProcesses:
     def _check_total(self, dsn: str) -> None:
         async def total() -> int:
             async with astm.Store(dsn) as s:
-                return sum(s.ref(f"acct-{i}", START).get() for i in range(ACCOUNTS))
+                accounts = [s.ref(f"acct-{i}", START) for i in range(ACCOUNTS)]
+                await s.load(*accounts)
+                return sum(a.get() for a in accounts)
 
         assert anyio.run(total) == START * ACCOUNTS
 
@@ -367,7 +456,9 @@ class TestServerRestart:
         log_ts = {t for t, _ in await _log_rows(pg_dsn)}
         assert set(acked) <= log_ts
         async with astm.Store(pg_dsn) as s:
-            assert sum(s.ref(f"acct-{i}", START).get() for i in range(ACCOUNTS)) == START * ACCOUNTS
+            accounts = [s.ref(f"acct-{i}", START) for i in range(ACCOUNTS)]
+            await s.load(*accounts)
+            assert sum(a.get() for a in accounts) == START * ACCOUNTS
 
 
 class TestSeatService:

@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 import uuid
-from collections.abc import Collection, Hashable
+from collections.abc import Collection, Hashable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
+import anyio.lowlevel
 
 from .. import codec
 from .._backend import Waiter, spawn
@@ -69,6 +71,8 @@ RESOLVE_SECONDS = 10.0
 BATCH_MAX = 64
 #: after this many deltas on one ref since its last whole value, the next change sends the whole value
 MAX_DELTAS = 64
+#: log rows one catch-up query brings (the loop runs between chunks)
+CATCH_UP_CHUNK = 500
 
 _COMMIT_FUNCTION = """CREATE OR REPLACE FUNCTION astm_commit_batch(p_batch jsonb) RETURNS jsonb
     LANGUAGE plpgsql AS $$
@@ -210,9 +214,15 @@ class _Host(Protocol):
 
     _commits: int
     _attempts: int
-    _refs: dict[str, Ref[Any]]
+    _refs: MutableMapping[str, Ref[Any]]
 
     def _install(self, t: int, refs: list[tuple[str, int, Any]]) -> None: ...
+
+    def _cold(self, refs: Iterable[Ref[Any]]) -> list[Ref[Any]]: ...
+
+    def _warm(self, refs: list[Ref[Any]], found: dict[str, tuple[int, Any]]) -> None: ...
+
+    def _touch(self, refs: Iterable[Ref[Any]]) -> None: ...
 
     def _apply_logged(
         self, t: int, when: float, changes: list[tuple[str, tuple[Any, ...]]], where: str
@@ -243,6 +253,7 @@ class PostgresStorage:
         self.reconnects = 0
         #: per ref: deltas stored since its last whole value (past MAX_DELTAS a commit sends the value)
         self.deltas: dict[str, int] = {}
+
         self.committer = PostgresCommitter(self)
         self.log = PostgresLog(self)
         self.outbox = PostgresOutbox(self)
@@ -278,32 +289,52 @@ class PostgresStorage:
         try:
             async with self.pool.acquire() as conn:
                 await self._schema(conn)
-                # one snapshot: the basis t and every ref's value at t agree
-                async with conn.transaction(isolation="repeatable_read", readonly=True):
-                    t = int(await conn.fetchval("SELECT value FROM astm_meta WHERE key = 't'"))
-                    rows = await conn.fetch("SELECT name, t, value FROM astm_refs")
-                    deltas = await conn.fetch("SELECT name, t, calls FROM astm_ref_deltas ORDER BY name, t")
-            refs = self._values(rows, deltas)
+                # a peer starts from the basis alone: refs are read when first used (a bounded cache)
+                t = int(await conn.fetchval("SELECT value FROM astm_meta WHERE key = 't'"))
         except BaseException:
             await self.pool.close()
             self.pool = None
             raise
         with self.timeline.lock:
-            self.host._install(t, refs)
+            self.host._install(t, [])
         await self._listen()
         self._following = True
         spawn(self._follow)
 
-    def _values(self, rows: list[Any], deltas: list[Any]) -> list[tuple[str, int, Any]]:
-        """Every ref's (name, t, value): its whole value at base_t with its deltas applied in t order."""
+    def _values(self, rows: list[Any], deltas: list[Any]) -> dict[str, tuple[int, Any]]:
+        """Refs' (t, value) by name: each whole value at its base_t with its deltas applied in t order."""
         values = {r["name"]: codec.loads(r["value"]) for r in rows}
         counts: dict[str, int] = {}
         for d in deltas:
             name = d["name"]
             values[name] = apply_calls(values[name], decode_calls(json.loads(d["calls"])))
             counts[name] = counts.get(name, 0) + 1
-        self.deltas = counts
-        return [(r["name"], r["t"], values[r["name"]]) for r in rows]
+        for r in rows:
+            self.deltas[r["name"]] = counts.get(r["name"], 0)
+        return {r["name"]: (r["t"], values[r["name"]]) for r in rows}
+
+    async def load(self, refs: list[Ref[Any]]) -> None:
+        """Read refs this peer does not hold, in one query, at one snapshot; they join the cache.
+
+        The follower is held at that snapshot meanwhile, so no commit to them
+        between the snapshot and the install can be skipped.
+        """
+        cold = self.host._cold(refs)
+        if not cold:
+            return
+        pool = self.require_pool()
+        names = sorted({r.name for r in cold})
+        async with self._catching_up:
+            async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+                snap = int(await conn.fetchval("SELECT value FROM astm_meta WHERE key = 't'"))
+                rows = await conn.fetch("SELECT name, t, value FROM astm_refs WHERE name = ANY($1)", names)
+                deltas = await conn.fetch(
+                    "SELECT name, t, calls FROM astm_ref_deltas WHERE name = ANY($1) ORDER BY name, t", names
+                )
+            found = self._values(rows, deltas)
+            await self._catch_up_to(snap)  # apply up to the snapshot, not past it: those refs are still cold
+            with self.timeline.lock:
+                self.host._warm(cold, found)
 
     async def _schema(self, conn: asyncpg.Connection) -> None:
         import asyncpg
@@ -389,16 +420,27 @@ class PostgresStorage:
 
     async def catch_up(self, upto: int | None = None) -> None:
         """Apply every log row after this peer's basis (up to ``upto`` at least)."""
-        pool = self.require_pool()
         async with self._catching_up:
             if upto is not None and self.timeline.t >= upto:
                 return
+            await self._catch_up_to(None)
+
+    async def _catch_up_to(self, upto: int | None) -> None:
+        """Apply log rows after the basis, up to ``upto`` (or all), in chunks that let other tasks run."""
+        pool = self.require_pool()
+        while upto is None or self.timeline.t < upto:
             async with pool.acquire() as conn:
                 rows = await conn.fetch(
-                    "SELECT t, time, changes FROM astm_log WHERE t > $1 ORDER BY t", self.timeline.t
+                    "SELECT t, time, changes FROM astm_log WHERE t > $1 AND t <= $2 ORDER BY t LIMIT $3",
+                    self.timeline.t,
+                    sys.maxsize if upto is None else upto,
+                    CATCH_UP_CHUNK,
                 )
-            if rows:
-                await self._apply(rows)
+            if not rows:
+                return
+            await self._apply(rows)
+            if len(rows) == CATCH_UP_CHUNK:
+                await anyio.lowlevel.checkpoint()  # a long gap: let the loop breathe between chunks
 
     async def _apply(self, rows: list[Any]) -> None:
         tl = self.timeline
@@ -523,8 +565,8 @@ class PostgresCommitter:
                     raise _Conflict(bad)
                 commuted = request.finish()
                 changes = self._whole_after(encode_changes(request))
-                reads = [{"name": r.name, "t": r._cur[0]} for r in request.reads]
-                commutes = [{"name": r.name, "t": r._cur[0]} for r in commuted]
+                reads = [{"name": n, "t": t} for n, t in request.versions(request.reads)]
+                commutes = [{"name": n, "t": t} for n, t in request.versions(commuted)]
             writes = []
             for name, kind, text, _ in changes:
                 if kind == "v":
@@ -551,6 +593,8 @@ class PostgresCommitter:
             await peer.catch_up_after(t)
             if status == "ok":
                 with tl.lock:
+                    peer.host._touch(request.vals)
+                    peer.host._touch(request.reads)
                     entry = tl.entry(t)
                     host = peer.host
                     host._commits += 1
