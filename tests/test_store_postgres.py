@@ -276,7 +276,7 @@ class TestLazyRefs:
         async with astm.Store(pg_dsn) as peer:
             assert peer.stats().cached == 0 and peer.t == 1
             r7 = peer.ref("r7", -1)
-            with pytest.raises(astm.RefNotLoaded, match="store.load"):
+            with pytest.raises(astm.RefNotLoaded, match=r"store\.load"):
                 r7.get()
             assert await peer.atomically(r7.get) == 7
             stats = peer.stats()
