@@ -270,6 +270,15 @@ class Store:
             r._cur = (COLD, Cold(v if t == 0 else None))
             self._evictions += 1
 
+    def _rebase(self, t: int) -> None:
+        """A peer behind what the shared log keeps starts again at ``t`` (under the lock): every ref is
+        read anew when next used, and the history before ``t`` is gone."""
+        for r in list(self._cache):
+            cur = r._cur
+            r._cur = (COLD, Cold(cur[1] if cur[0] == 0 else None))
+        self._cache.clear()
+        self._timeline.rebase(t)
+
     async def _load(self, refs: list[Ref[Any]]) -> None:
         if self._peer is not None:
             await self._peer.load(refs)

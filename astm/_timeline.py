@@ -130,6 +130,16 @@ class Timeline:
         self.oldest = self.log[0][0] - 1 if self.log else t
         self._trim_len = len(self.log) + max(1, self.history // 8)
 
+    def rebase(self, t: int) -> None:
+        """Jump to basis ``t`` with no history (a peer that fell behind the shared log); waiters look again."""
+        self.log.clear()
+        self.t = t
+        self.oldest = t
+        self._trim_len = max(1, self.history // 8)
+        tick, self.tick = self.tick, []
+        for w in tick:
+            w.fire()
+
     def _keep_version(self, ref: Ref[Any], old: tuple[int, Any]) -> None:
         h = ref._hist
         if h is None:

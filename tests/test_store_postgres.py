@@ -112,7 +112,7 @@ class TestPeers:
 
                 @store.effect("mail", backoff=0.01)
                 async def mail(payload: int, *, key: Key, peer: str = peer) -> None:
-                    if peer == "a":  # a holds its first deliveries until b has taken some: both must work
+                    if peer == "a" and payload >= 30:  # a holds unordered entries until b has taken one
                         with anyio.move_on_after(5):
                             await b_delivered.wait()
                     if random.random() < 0.2:
@@ -125,7 +125,7 @@ class TestPeers:
 
             def body(i: int) -> None:
                 a.ref("n", 0).alter(lambda v: v + 1)
-                ea.enqueue(i, order_key=i % 3)
+                ea.enqueue(i, order_key=i % 3 if i < 30 else None)
 
             for i in range(60):
                 await a.atomically(body, i)
@@ -135,7 +135,7 @@ class TestPeers:
         keys = {k for _, k in got}
         assert keys == {(t, 0) for t in range(1, 61)}
         for lane in range(3):  # entries sharing an order_key arrive in commit order
-            ts = [k[0] for _, k in got if (k[0] - 1) % 3 == lane]
+            ts = [k[0] for _, k in got if k[0] <= 30 and (k[0] - 1) % 3 == lane]
             assert ts == sorted(ts)
         assert {p for p, _ in got} == {"a", "b"}, "both peers should have delivered"
 
@@ -339,6 +339,79 @@ class TestLazyRefs:
             assert await peer.atomically(mine[0].get) == 2
             await peer.atomically(lambda: mine[0].alter(lambda v: v + 1))
             assert (await writer.sync(peer.t))[refs[0]] == 3
+
+
+class TestFollowing:
+    async def test_a_silently_deaf_listener_is_replaced(self, pg_dsn: str) -> None:
+        """Notifications that stop while the connection looks open are noticed; sync(t) never waits on them."""
+        from astm.stores.postgres import CHANNEL
+
+        async with astm.Store(pg_dsn) as a, astm.Store(pg_dsn) as b:
+            ra, rb = a.ref("r", 0), b.ref("r", 0)
+            await b.load(rb)
+            peer = b._peer
+            assert peer is not None and peer._listener is not None
+            await peer._listener.remove_listener(CHANNEL, peer._notified)  # deaf, and still open
+            for i in range(1, 4):
+                rep = await a.transact(lambda i=i: ra.set(i))
+                assert (await b.sync(rep.t, timeout=5))[rb] == i  # sync fetches by itself
+            with anyio.fail_after(10):
+                while peer.silent_losses == 0:
+                    await a.atomically(lambda: ra.alter(lambda v: v + 1))
+                    await anyio.sleep(0.3)
+            before = peer._listener
+            with anyio.fail_after(10):
+                while peer._listener is None or peer._listener is before:
+                    await anyio.sleep(0.05)
+            rep = await a.transact(lambda: ra.set(100))
+            assert (await b.sync(rep.t, timeout=5))[rb] == 100
+
+    async def test_without_listen_the_peer_polls(self, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Where LISTEN is refused (a pooler in transaction mode), a peer still follows, by polling."""
+
+        async def refuse(self: Any, channel: str, callback: Any) -> None:
+            raise asyncpg.FeatureNotSupportedError("LISTEN is not supported here")
+
+        async with astm.Store(pg_dsn) as a:
+            monkeypatch.setattr(asyncpg.Connection, "add_listener", refuse)
+            async with astm.Store(pg_dsn) as b:
+                assert b._peer is not None and not b._peer._can_listen
+                rb = b.ref("r", 0)
+                await b.load(rb)
+                ra = a.ref("r", 0)
+                await a.atomically(lambda: ra.set(7))
+                with anyio.fail_after(5):
+                    while rb.get() != 7:  # no sync(t): the follower finds it alone
+                        await anyio.sleep(0.02)
+
+    async def test_a_peer_behind_the_trimmed_log_starts_again(
+        self, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The log is trimmed past retention; a peer further behind re-reads its refs and loses only history."""
+        from astm.stores import postgres
+
+        monkeypatch.setattr(postgres, "LOG_KEEP_MIN", 5)
+        monkeypatch.setattr(postgres, "LOG_KEEP_SECONDS", 0.0)
+        async with astm.Store(pg_dsn, history=5) as a, astm.Store(pg_dsn, history=5) as b:
+            ra, rb = a.ref("r", 0), b.ref("r", 0)
+            await b.load(rb)
+            start = b.t
+            assert b._peer is not None and a._peer is not None
+            async with b._peer._catching_up:  # b stops following for a while
+                for i in range(1, 40):
+                    await a.atomically(lambda i=i: ra.set(i))
+                await a._peer._trim()
+                conn = await asyncpg.connect(pg_dsn)
+                try:
+                    oldest = await conn.fetchval("SELECT min(t) FROM astm_log")
+                finally:
+                    await conn.close()
+                assert oldest > start + 1, "the log was not trimmed past b"
+            await b.sync(a.t, timeout=10)
+            assert await b.atomically(rb.get) == 39
+            with pytest.raises(astm.HistoryUnavailable):
+                async for _ in b.reports(since=start):
+                    pass
 
 
 class TestProcesses:

@@ -60,7 +60,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresCommitter", "PostgresOutbox", "PostgresSto
 
 log = logging.getLogger("astm")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 CHANNEL = "astm_commits"
 POLL_SECONDS = 1.0
 OUTBOX_POLL_SECONDS = 0.2
@@ -73,12 +73,20 @@ BATCH_MAX = 64
 MAX_DELTAS = 64
 #: log rows one catch-up query brings (the loop runs between chunks)
 CATCH_UP_CHUNK = 500
+#: how often a peer polls the log when LISTEN/NOTIFY is not available
+FALLBACK_POLL_SECONDS = 0.1
+#: the log keeps at least this many commits and this many seconds (resolving a lost commit reads it)
+LOG_KEEP_MIN = 1000
+LOG_KEEP_SECONDS = 60.0
+TRIM_SECONDS = 10.0
 
 _COMMIT_FUNCTION = """CREATE OR REPLACE FUNCTION astm_commit_batch(p_batch jsonb) RETURNS jsonb
     LANGUAGE plpgsql AS $$
     DECLARE
         cur bigint;
         tx jsonb;
+        chk record;
+        have bigint;
         bad text[];
         results jsonb := '[]'::jsonb;
     BEGIN
@@ -89,28 +97,39 @@ _COMMIT_FUNCTION = """CREATE OR REPLACE FUNCTION astm_commit_batch(p_batch jsonb
                 results := results || jsonb_build_array(jsonb_build_object('status', 'fenced', 't', cur));
                 CONTINUE;
             END IF;
-            -- each transaction is validated against the state the earlier ones left
-            SELECT array_agg(r.name) INTO bad
-              FROM astm_refs r JOIN jsonb_to_recordset(tx->'reads') AS x(name text, t bigint) ON r.name = x.name
-             WHERE r.t > x.t;
+            -- each transaction is validated against the state the earlier ones left, one index lookup
+            -- per ref (a join could be planned as a scan of the whole table)
+            bad := NULL;
+            FOR chk IN SELECT * FROM jsonb_to_recordset(tx->'reads') AS r(name text, t bigint) LOOP
+                SELECT r.t INTO have FROM astm_refs r WHERE r.name = chk.name;
+                IF have > chk.t THEN
+                    bad := array_append(bad, chk.name);
+                END IF;
+            END LOOP;
             IF bad IS NOT NULL THEN
                 results := results || jsonb_build_array(
                     jsonb_build_object('status', 'conflict', 't', cur, 'names', to_jsonb(bad)));
                 CONTINUE;
             END IF;
-            SELECT array_agg(r.name) INTO bad
-              FROM astm_refs r JOIN jsonb_to_recordset(tx->'commutes') AS x(name text, t bigint) ON r.name = x.name
-             WHERE r.t > x.t;
+            FOR chk IN SELECT * FROM jsonb_to_recordset(tx->'commutes') AS r(name text, t bigint) LOOP
+                SELECT r.t INTO have FROM astm_refs r WHERE r.name = chk.name;
+                IF have > chk.t THEN
+                    bad := array_append(bad, chk.name);
+                END IF;
+            END LOOP;
             IF bad IS NOT NULL THEN
                 results := results || jsonb_build_array(
                     jsonb_build_object('status', 'stale', 't', cur, 'names', to_jsonb(bad)));
                 CONTINUE;
             END IF;
             -- a delta applies only to the very version it was made on
-            SELECT array_agg(x.name) INTO bad
-              FROM jsonb_to_recordset(tx->'writes') AS x(name text, kind text, base bigint)
-              LEFT JOIN astm_refs r ON r.name = x.name
-             WHERE x.kind = 'd' AND (r.t IS NULL OR r.t <> x.base);
+            FOR chk IN SELECT * FROM jsonb_to_recordset(tx->'writes') AS w(name text, kind text, base bigint)
+                      WHERE w.kind = 'd' LOOP
+                SELECT r.t INTO have FROM astm_refs r WHERE r.name = chk.name;
+                IF have IS DISTINCT FROM chk.base THEN
+                    bad := array_append(bad, chk.name);
+                END IF;
+            END LOOP;
             IF bad IS NOT NULL THEN
                 results := results || jsonb_build_array(
                     jsonb_build_object('status', 'conflict', 't', cur, 'names', to_jsonb(bad)));
@@ -145,6 +164,15 @@ _FENCE = "CREATE TABLE IF NOT EXISTS astm_fence (tx_id uuid PRIMARY KEY, at time
 _DELTAS = """CREATE TABLE IF NOT EXISTS astm_ref_deltas (
     name text NOT NULL, t bigint NOT NULL, calls text NOT NULL, PRIMARY KEY (name, t))"""
 
+#: the outbox claim and dead-letter queries read only the entries they need
+_INDEXES = [
+    "CREATE INDEX IF NOT EXISTS astm_outbox_pending ON astm_outbox (t, seq) WHERE error IS NULL",
+    """CREATE INDEX IF NOT EXISTS astm_outbox_lanes ON astm_outbox (order_key, t, seq)
+        WHERE error IS NULL AND order_key IS NOT NULL""",
+    "CREATE INDEX IF NOT EXISTS astm_outbox_dead ON astm_outbox (t, seq) WHERE error IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS astm_fence_at ON astm_fence (at)",
+]
+
 _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS astm_meta (key text PRIMARY KEY, value text NOT NULL)",
     """CREATE TABLE IF NOT EXISTS astm_refs (
@@ -158,8 +186,9 @@ _SCHEMA = [
         locked_until timestamptz, PRIMARY KEY (t, seq))""",
     _FENCE,
     _COMMIT_FUNCTION,
+    *_INDEXES,
 ]
-#: schema versions 1 and 2 -> 3: the fence, deltas (log rows become [name, "v", value])
+#: schema versions 1 and 2 -> 4: the fence, deltas (log rows become [name, "v", value])
 _MIGRATE = [
     _FENCE,
     _DELTAS,
@@ -170,7 +199,10 @@ _MIGRATE = [
         SELECT COALESCE(jsonb_agg(jsonb_build_array(c->0, 'v', c->2)), '[]'::jsonb)::text
           FROM jsonb_array_elements(changes::jsonb) AS c)""",
     _COMMIT_FUNCTION,
+    *_INDEXES,
 ]
+#: schema version 3 -> 4: validation by index lookups, the outbox indexes
+_MIGRATE_3 = [_COMMIT_FUNCTION, *_INDEXES]
 
 _COMMIT = "SELECT astm_commit_batch($1::jsonb)"
 
@@ -224,6 +256,8 @@ class _Host(Protocol):
 
     def _touch(self, refs: Iterable[Ref[Any]]) -> None: ...
 
+    def _rebase(self, t: int) -> None: ...
+
     def _apply_logged(
         self, t: int, when: float, changes: list[tuple[str, tuple[Any, ...]]], where: str
     ) -> tuple[list[tuple[Ref[Any], Any, Any]], list[Waiter] | None, bool]: ...
@@ -251,6 +285,10 @@ class PostgresStorage:
         self._following = False
         #: times this peer lost its notification connection and opened a new one
         self.reconnects = 0
+        #: times its notifications stopped while the connection looked open
+        self.silent_losses = 0
+        self._heard = False
+        self._can_listen = True
         #: per ref: deltas stored since its last whole value (past MAX_DELTAS a commit sends the value)
         self.deltas: dict[str, int] = {}
 
@@ -345,8 +383,8 @@ class PostgresStorage:
                 exists = await conn.fetchval("SELECT to_regclass('astm_meta') IS NOT NULL")
                 if exists:
                     version = await conn.fetchval("SELECT value FROM astm_meta WHERE key = 'schema_version'")
-                    if version is not None and int(version) in (1, 2):
-                        for statement in _MIGRATE:
+                    if version is not None and int(version) in (1, 2, 3):
+                        for statement in _MIGRATE if int(version) < 3 else _MIGRATE_3:
                             await conn.execute(statement)
                         await conn.execute(
                             "UPDATE astm_meta SET value = $1 WHERE key = 'schema_version'", str(SCHEMA_VERSION)
@@ -377,33 +415,62 @@ class PostgresStorage:
         import asyncpg
 
         conn = await asyncpg.connect(self.dsn)
-        await conn.add_listener(CHANNEL, self._notified)
+        try:
+            await conn.add_listener(CHANNEL, self._notified)
+        except asyncpg.PostgresError as exc:  # e.g. behind a pooler in transaction mode
+            await conn.close()
+            self._can_listen = False
+            log.warning("astm peer: LISTEN is not available (%s); following the log by polling", exc)
+            return
         self._listener = conn
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        self._heard = True
         if int(payload) > self.timeline.t:
             self._changed.set()
 
     # -- following the log -----------------------------------------------------------
 
     async def _follow(self) -> None:
-        """Catch up on notifications, and every POLL_SECONDS in case one was lost; reconnect as needed."""
+        """Catch up on notifications, and every POLL_SECONDS in case one was lost; reconnect as needed.
+
+        A listener that looks open but hears nothing while polls keep finding
+        commits has lost its notifications silently: it is replaced. Where
+        LISTEN is not available at all, the peer polls more often instead.
+        """
         errors = _connection_errors()
+        unannounced = 0
+        last_trim = time.monotonic()
         try:
             while not self._closing:
-                with anyio.move_on_after(POLL_SECONDS):
+                poll = POLL_SECONDS if self._can_listen else FALLBACK_POLL_SECONDS
+                with anyio.move_on_after(poll) as waited:
                     await self._changed.wait()
                 self._changed = anyio.Event()
                 if self._closing:
                     break
+                heard, self._heard = self._heard, False
                 try:
-                    if self._listener is None or self._listener.is_closed():
+                    if self._can_listen and (self._listener is None or self._listener.is_closed()):
                         if self._listener is not None:
                             self._listener.terminate()
                             self._listener = None
                         await self._listen()
                         self.reconnects += 1
+                    before = self.timeline.t
                     await self.catch_up()
+                    if waited.cancelled_caught and not heard and self.timeline.t > before and self._can_listen:
+                        unannounced += 1
+                        if unannounced >= 2 and self._listener is not None:
+                            log.warning("astm peer: notifications stopped arriving; reconnecting its listener")
+                            self.silent_losses += 1
+                            self._listener.terminate()
+                            self._listener = None
+                    else:
+                        unannounced = 0
+                    if time.monotonic() - last_trim > TRIM_SECONDS:
+                        last_trim = time.monotonic()
+                        await self._trim()
                 except errors as exc:
                     log.warning("astm peer lost PostgreSQL (%s); reconnecting", exc)
                     if self._listener is not None:
@@ -412,6 +479,19 @@ class PostgresStorage:
                     await anyio.sleep(0.2)
         finally:
             self._stopped.set()
+
+    async def _trim(self) -> None:
+        """Drop log rows past history retention and a minute old (no peer resolving a commit needs them)."""
+        pool = self.require_pool()
+        keep = max(self.timeline.history, LOG_KEEP_MIN)
+        async with pool.acquire() as conn:
+            await conn.execute(
+                "DELETE FROM astm_log WHERE t < (SELECT value::bigint FROM astm_meta WHERE key = 't') - $1 "
+                "AND time < $2",
+                keep,
+                time.time() - LOG_KEEP_SECONDS,
+            )
+            await conn.execute("DELETE FROM astm_fence WHERE at < now() - interval '1 hour'")
 
     async def ask_for(self, t: int) -> None:
         """``sync(t)`` is ahead of this peer: have the follower look now rather than at its next poll."""
@@ -438,6 +518,10 @@ class PostgresStorage:
                 )
             if not rows:
                 return
+            if rows[0]["t"] > self.timeline.t + 1:
+                # the log was trimmed past this peer's basis: start again from the refs table
+                with self.timeline.lock:
+                    self.host._rebase(rows[0]["t"] - 1)
             await self._apply(rows)
             if len(rows) == CATCH_UP_CHUNK:
                 await anyio.lowlevel.checkpoint()  # a long gap: let the loop breathe between chunks
@@ -487,7 +571,7 @@ class PostgresStorage:
         """Stop following the log, then close every connection."""
         self._closing = True
         self._changed.set()
-        self.committer.stop()
+        await self.committer.stop()
         if self.pool is None:
             return
         if self._following:
@@ -545,9 +629,17 @@ class PostgresCommitter:
         self._queue: list[tuple[uuid.UUID, dict[str, Any], Waiter]] = []
         self._sending = False
         self._stopped = False
+        self._conn: asyncpg.Connection | None = None
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         self._stopped = True
+        if self._conn is not None:
+            try:
+                with anyio.fail_after(2):
+                    await self._conn.close()
+            except Exception:
+                self._conn.terminate()
+            self._conn = None
 
     async def commit(self, request: CommitRequest) -> Committed:
         """Validate and commit ``request`` in PostgreSQL; returns once this peer has applied it.
@@ -675,13 +767,21 @@ class PostgresCommitter:
         commit. Unreachable for ``RESOLVE_SECONDS``: ``CommitOutcomeUnknown``.
         Never re-sent, never re-run.
         """
+        import asyncpg
+
         peer = self._peer
-        pool = peer.require_pool()
+        peer.require_pool()
         errors = _connection_errors()
         try:
-            async with pool.acquire() as conn:
-                return list(json.loads(await conn.fetchval(_COMMIT, json.dumps(payloads))))
+            conn = self._conn
+            if conn is None or conn.is_closed():
+                # a connection of its own: no pool reset (two round trips) after every commit
+                conn = self._conn = await asyncpg.connect(peer.dsn)
+            return list(json.loads(await conn.fetchval(_COMMIT, json.dumps(payloads))))
         except errors as exc:
+            if self._conn is not None:
+                self._conn.terminate()
+                self._conn = None
             return await self.resolve(ids, exc)
 
     async def resolve(self, ids: list[uuid.UUID], first: BaseException) -> list[Any]:
