@@ -110,7 +110,7 @@ class TestPeers:
         async with astm.Store(pg_dsn) as a, astm.Store(pg_dsn) as b:
             for peer, store in (("a", a), ("b", b)):
 
-                @store.effect("mail", backoff=0.01)
+                @store.effect("mail", backoff=0.01, max_attempts=30)
                 async def mail(payload: int, *, key: Key, peer: str = peer) -> None:
                     if peer == "a" and payload >= 30:  # a holds unordered entries until b has taken one
                         with anyio.move_on_after(5):
