@@ -45,6 +45,7 @@ from ._errors import (
     HistoryUnavailable,
     MutableValueError,
     NotInTransactionError,
+    RefNotLoaded,
     RetryLimitExceeded,
     StorageError,
     StoreClosed,
@@ -82,6 +83,7 @@ PROBLEM_TYPES: Mapping[str, str] = {
         "not-in-transaction",
         "mutable-value",
         "codec",
+        "ref-not-loaded",
         "commit-outcome-unknown",
         "storage-unavailable",
         "astm-error",
@@ -150,7 +152,12 @@ def lifespan(
     @asynccontextmanager
     async def run(app: Any) -> AsyncIterator[None]:
         opened = store if isinstance(store, Store) else await anyio.to_thread.run_sync(_make, store)
-        await opened.open()
+        try:
+            await opened.open()
+        except BaseException:
+            with contextlib.suppress(Exception):  # release what it holds (a file lock, connections)
+                await opened.aclose(timeout=0)
+            raise
         state = getattr(app, "state", None)
         if state is not None:
             setattr(state, _STATE_KEY, opened)
@@ -296,6 +303,7 @@ _ERRORS: dict[type[AstmError], _Mapping] = {
     NotInTransactionError: _Mapping(500, "not-in-transaction", "The server changed state outside a transaction"),
     MutableValueError: _Mapping(500, "mutable-value", "The server offered a mutable value to the store"),
     CodecError: _Mapping(500, "codec", "The server offered a value the store cannot keep"),
+    RefNotLoaded: _Mapping(500, "ref-not-loaded", "The server read a ref this peer has not loaded"),
     AstmError: _Mapping(500, "astm-error", "The server misused astm"),
 }
 

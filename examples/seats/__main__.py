@@ -1,14 +1,28 @@
-"""Run the seat-reservation service: ``python -m examples.seats [--store URL] [--port 8000]``."""
+"""Run the seat-reservation service: ``python -m examples.seats [--store URL] [--port 8000] [--workers N]``."""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import os
+import socket
+import sys
 from typing import Any
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
-from .app import create_app
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that prints the banner once it serves (the store is open, the port listens)."""
+
+    banner: str = ""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit:
+            print(self.banner, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -16,14 +30,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--store", default="sqlite:///seats.db", help="astm store URL (default: %(default)s)")
     parser.add_argument("--mail-log", default="seats-mail.log", help="where confirmations are 'sent'")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s; 0 picks a free one)")
     parser.add_argument(
         "--workers", type=int, default=1, help="worker processes (each a peer: needs a postgresql:// store)"
     )
     args = parser.parse_args(argv)
     if args.workers > 1 and not args.store.startswith(("postgresql://", "postgres://")):
-        parser.error("--workers > 1 needs a store shared between processes: --store postgresql://...")
-    print(f"seat service on http://{args.host}:{args.port}  (store {args.store})", flush=True)
+        parser.error(
+            "--workers > 1 needs a store shared between processes: --store postgresql://... "
+            "(a SQLite file is opened by one process only)"
+        )
+    sock = _bind(args.host, args.port, parser)  # first: a port in use fails at once, before anything opens
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{sock.getsockname()[1]}"
+    shown = args.store.rsplit("@", 1)[-1]  # no password in the banner
     common: dict[str, Any] = {
         "host": args.host,
         "port": args.port,
@@ -33,9 +53,33 @@ def main(argv: list[str] | None = None) -> None:
     if args.workers > 1:
         os.environ["ASTM_SEATS_STORE"] = args.store
         os.environ["ASTM_SEATS_MAIL_LOG"] = args.mail_log
-        uvicorn.run("examples.seats.app:from_env", factory=True, workers=args.workers, **common)
-    else:
-        uvicorn.run(create_app(args.store, args.mail_log), **common)
+        config = uvicorn.Config("examples.seats.app:from_env", factory=True, workers=args.workers, **common)
+        print(f"seat service on {url}  ({args.workers} workers, store {shown})", flush=True)
+        supervisor: Any = Multiprocess
+        if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn before 0.30
+            supervisor = functools.partial(supervisor, target=uvicorn.Server(config).run)
+        supervisor(config, sockets=[sock]).run()
+        return
+    from .app import create_app
+
+    server = _Server(uvicorn.Config(create_app(args.store, args.mail_log), **common))
+    server.banner = f"seat service on {url}  (store {shown})"
+    server.run(sockets=[sock])
+    if not server.started:
+        sys.exit(3)  # the app did not start (say, the store could not open): uvicorn logged why
+
+
+def _bind(host: str, port: int, parser: argparse.ArgumentParser) -> socket.socket:
+    """The listening address, bound (uvicorn listens on it; workers inherit it)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        parser.exit(1, f"cannot listen on {host}:{port}: {exc.strerror}; pick another port with --port\n")
+    sock.set_inheritable(True)
+    return sock
 
 
 if __name__ == "__main__":

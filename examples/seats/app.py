@@ -1,209 +1,343 @@
-"""The seat-reservation web service (Starlette): JSON API, live page, server-sent events.
+"""The seat-reservation web service (FastAPI on astm.web): JSON API, live page, server-sent events.
 
 Every response carries the basis ``t`` it was read at or committed at in the
 ``X-Astm-T`` header. A request may send ``X-Astm-Min-T`` (or ``?min_t=``) to be
 answered from a state that includes that ``t`` (read-your-writes through
 ``store.sync``, e.g. behind a load balancer). POST requests accept an
-``Idempotency-Key`` header: a client retry never books twice.
+``Idempotency-Key`` header: a client retry never books twice. Errors are
+RFC 9457 ``application/problem+json``. The OpenAPI description is at ``/docs``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field, field_validator
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import astm
+import astm.web
 
-from .domain import Invalid, ReservationError, Seats
+from .domain import ReservationError, Seats
 
 MAX_BODY = 16 * 1024
 MAX_SEATS = 8
-_CUSTOMER = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+CUSTOMER_PATTERN = r"^[A-Za-z0-9_.@-]{1,64}$"
+_CUSTOMER = re.compile(CUSTOMER_PATTERN)
 STATIC = Path(__file__).with_name("static")
+#: the ``type`` of the service's own problems (tag URIs: identifiers, not links)
+PROBLEM_BASE = "tag:astm-state,2025:seats/"
 
 
-class BodyTooLarge(Exception):
-    pass
+class Booking(BaseModel):
+    """Seats for one customer: reserved (or cancelled) all together or not at all."""
+
+    customer: str = Field(description="1-64 letters, digits or _.@-", examples=["ann"])
+    seats: list[str] = Field(description=f"1 to {MAX_SEATS} distinct seat ids", examples=[["A1", "A2"]])
+
+    @field_validator("customer")
+    @classmethod
+    def _customer(cls, value: str) -> str:
+        if not _CUSTOMER.match(value):
+            raise ValueError("customer must be 1-64 letters, digits or _.@-")
+        return value
+
+    @field_validator("seats")
+    @classmethod
+    def _seats(cls, value: list[str]) -> list[str]:
+        if not 1 <= len(value) <= MAX_SEATS or len(set(value)) != len(value):
+            raise ValueError(f'seats must be a list of 1 to {MAX_SEATS} distinct seat ids, like ["A1", "A2"]')
+        return value
 
 
-def create_app(store_url: str = "sqlite:///seats.db", mail_log: str = "seats-mail.log") -> Starlette:
-    """The ASGI app; its store is opened and closed with the app's lifespan (one store per process)."""
-    state: dict[str, Any] = {}
+class Problem(BaseModel):
+    """An RFC 9457 problem: what went wrong (``title``), this time (``detail``), and what to do."""
+
+    type: str
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+
+
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    status: {"model": Problem, "content": {"application/problem+json": {}}, "description": text}
+    for status, text in [
+        (404, "unknown show"),
+        (409, "seats taken, or not held by this customer"),
+        (413, "body too large"),
+        (422, "invalid request"),
+        (504, "this server is behind X-Astm-Min-T"),
+    ]
+}
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[\x21-\x7e]+$",
+        description="a retry with the same key replays the first answer and never books twice",
+    ),
+]
+ShowId = Annotated[str, PathParam(max_length=64)]
+CustomerId = Annotated[str, PathParam(pattern=CUSTOMER_PATTERN)]
+
+
+async def seats_of(request: Request) -> Seats:
+    """The app's seat service (a dependency)."""
+    return request.app.state.seats  # type: ignore[no-any-return]
+
+
+SeatsDep = Annotated[Seats, Depends(seats_of)]
+StoreDep = Annotated[astm.Store, Depends(astm.web.get_store)]
+
+
+def create_app(
+    store_url: str = "sqlite:///seats.db", mail_log: str = "seats-mail.log", *, sync_timeout: float = 5.0
+) -> FastAPI:
+    """The ASGI app; its store is opened and closed with the app's lifespan (one store per process).
+
+    ``sync_timeout`` bounds how long a request with X-Astm-Min-T waits for
+    this process to catch up before it is answered 504.
+    """
+
+    def make_store() -> astm.Store:
+        # runs in a worker thread (opening a file store replays its log); the effect is registered before it opens
+        store = astm.Store(store_url)
+        app.state.seats = Seats(store, Path(mail_log))
+        return store
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = astm.Store(store_url)
-        seats = Seats(store, Path(mail_log))
-        async with store:
-            await seats.setup()
-            state["store"], state["seats"] = store, seats
-            yield
-        seats.close()
-
-    def svc() -> Seats:
-        return state["seats"]  # type: ignore[no-any-return]
-
-    async def read_db(request: Request) -> astm.Db:
-        raw = request.headers.get("x-astm-min-t") or request.query_params.get("min_t")
-        if raw is None:
-            return svc().store.db()
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            min_t = int(raw)
-        except ValueError:
-            raise Invalid("X-Astm-Min-T must be an integer t") from None
-        return await svc().store.sync(min_t, timeout=5)
+            async with astm.web.lifespan(make_store)(app):
+                await app.state.seats.setup()
+                yield
+        finally:
+            seats: Seats | None = getattr(app.state, "seats", None)
+            if seats is not None:
+                seats.close()
 
-    def answer(body: Any, t: int, status: int = 200) -> JSONResponse:
-        return JSONResponse(body, status_code=status, headers={"X-Astm-T": str(t)})
+    app = FastAPI(
+        title="astm seats",
+        summary="Seat reservations on astm: all-or-none bookings, idempotent retries, live seat maps.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(_BodyLimit, limit=MAX_BODY)
+    astm.web.install(app, sync_timeout=sync_timeout)
+    _problem_handlers(app)
 
-    def error(status: int, code: str, message: str, **detail: Any) -> JSONResponse:
-        return JSONResponse(
-            {"error": {"code": code, "message": message, **detail}},
-            status_code=status,
-            headers={"X-Astm-T": str(svc().store.t)},
-        )
+    def answer(response: Response, t: int) -> None:
+        response.headers["X-Astm-T"] = str(t)
 
-    async def json_body(request: Request) -> dict[str, Any]:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY:
-            raise BodyTooLarge
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY:
-                raise BodyTooLarge
-            chunks.append(chunk)
-        try:
-            body = json.loads(b"".join(chunks) or b"null")
-        except ValueError:
-            raise Invalid("the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise Invalid("the body must be a JSON object")
-        return body
-
-    def parse_booking(body: dict[str, Any]) -> tuple[str, list[str]]:
-        customer, seats = body.get("customer"), body.get("seats")
-        if not isinstance(customer, str) or not _CUSTOMER.match(customer):
-            raise Invalid("customer must be 1-64 letters, digits or _.@-")
-        if (
-            not isinstance(seats, list)
-            or not 1 <= len(seats) <= MAX_SEATS
-            or not all(isinstance(s, str) for s in seats)
-            or len(set(seats)) != len(seats)
-        ):
-            raise Invalid(f'seats must be a list of 1 to {MAX_SEATS} distinct seat ids, like ["A1", "A2"]')
-        return customer, seats
-
-    def guarded(handler: Any) -> Any:
-        async def endpoint(request: Request) -> Response:
-            try:
-                return await handler(request)  # type: ignore[no-any-return]
-            except ReservationError as exc:
-                return error(exc.status, exc.code, str(exc), **exc.detail)
-            except BodyTooLarge:
-                return error(413, "too_large", f"the body is larger than {MAX_BODY} bytes")
-            except astm.SyncTimeout as exc:
-                return error(504, "behind", str(exc))
-
-        return endpoint
-
-    async def index(request: Request) -> Response:
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    async def list_shows(request: Request) -> Response:
-        db = await read_db(request)
-        return answer({"shows": svc().list_shows(db)}, db.t)
+    @app.get("/shows", summary="Every show and how many seats it has free")
+    async def list_shows(seats: SeatsDep, response: Response) -> dict[str, Any]:
+        t, shows = await seats.read(seats.list_shows)
+        answer(response, t)
+        return {"shows": shows}
 
-    async def get_show(request: Request) -> Response:
-        db = await read_db(request)
-        return answer(svc().describe(db, request.path_params["show"]), db.t)
+    @app.get("/shows/{show}", summary="One show's seat map: seat id -> customer (null when free)", responses=PROBLEMS)
+    async def get_show(show: ShowId, seats: SeatsDep, response: Response) -> dict[str, Any]:
+        t, described = await seats.read(seats.describe, show)
+        answer(response, t)
+        return described
 
-    async def reserve(request: Request) -> Response:
-        customer, seats = parse_booking(await json_body(request))
-        t, result = await svc().reserve(
-            request.path_params["show"], customer, seats, request.headers.get("idempotency-key")
-        )
-        return answer({**result, "t": t}, t, 200 if result.get("replayed") else 201)
+    @app.post(
+        "/shows/{show}/reservations",
+        status_code=201,
+        summary="Reserve seats for a customer, all of them or none",
+        responses={**PROBLEMS, 200: {"description": "a replay: the answer to the first request with this key"}},
+    )
+    async def reserve(
+        show: ShowId, booking: Booking, seats: SeatsDep, response: Response, idempotency_key: IdempotencyKey = None
+    ) -> dict[str, Any]:
+        t, result = await seats.reserve(show, booking.customer, booking.seats, idempotency_key)
+        answer(response, t)
+        if result.get("replayed"):
+            response.status_code = 200
+        return {**result, "t": t}
 
-    async def cancel(request: Request) -> Response:
-        customer, seats = parse_booking(await json_body(request))
-        t, result = await svc().cancel(
-            request.path_params["show"], customer, seats, request.headers.get("idempotency-key")
-        )
-        return answer({**result, "t": t}, t)
+    @app.post(
+        "/shows/{show}/cancellations", summary="Give back seats the customer holds, all or none", responses=PROBLEMS
+    )
+    async def cancel(
+        show: ShowId, booking: Booking, seats: SeatsDep, response: Response, idempotency_key: IdempotencyKey = None
+    ) -> dict[str, Any]:
+        t, result = await seats.cancel(show, booking.customer, booking.seats, idempotency_key)
+        answer(response, t)
+        return {**result, "t": t}
 
-    async def customer_reservations(request: Request) -> Response:
-        db = await read_db(request)
-        customer = request.path_params["customer"]
-        return answer({"customer": customer, "reservations": svc().reservations(db, customer)}, db.t)
+    @app.get("/customers/{customer}/reservations", summary="The seats a customer holds", responses=PROBLEMS)
+    async def customer_reservations(customer: CustomerId, seats: SeatsDep, response: Response) -> dict[str, Any]:
+        t, held = await seats.read(seats.reservations, customer)
+        answer(response, t)
+        return {"customer": customer, "reservations": held}
 
-    async def sales(request: Request) -> Response:
-        db = await read_db(request)
-        return answer(svc().ledger(db), db.t)
+    @app.get("/sales", summary="The sales ledger: every sale and refund")
+    async def sales(seats: SeatsDep, response: Response) -> dict[str, Any]:
+        t, ledger = await seats.read(seats.ledger)
+        answer(response, t)
+        return ledger
 
-    async def events(request: Request) -> Response:
-        """Server-sent events: a snapshot of one show's seats, then every change as it commits."""
-        show_id = request.query_params.get("show", "")
-        seats = svc()
-        db = seats.store.db()
-        seats.show(db, show_id)  # 404 for an unknown show
-        seat_ref = seats.seat_map(show_id)
+    @app.get("/stats", summary="This process's store: its counters and how many refs it holds")
+    async def stats(store: StoreDep) -> dict[str, Any]:
+        s = store.stats()
+        return {
+            "pid": os.getpid(),
+            "t": store.t,
+            "refs": len(store.refs()),
+            "commits": s.commits,
+            "attempts": s.attempts,
+            "retries": s.retries,
+            "conflicts": [list(c) for c in s.conflicts],
+            "cached": s.cached,  # a PostgreSQL peer: the refs it holds, within Store(cache_refs=...)
+            "misses": s.misses,
+        }
 
-        async def stream() -> AsyncIterator[str]:
-            snapshot, since = db, db.t
-            while True:
-                yield _sse("snapshot", {"t": since, **seats.describe(snapshot, show_id)})
-                try:
-                    async for rep in seats.store.reports(since=since):
-                        since = rep.t
-                        for change in rep.changes:
-                            if change.ref is seat_ref:
-                                old, new = change.old, change.new
-                                diff = {s: new.get(s) for s in set(old) | set(new) if old.get(s) != new.get(s)}
-                                yield _sse("seats", {"t": rep.t, "seats": diff})
-                    return  # the store closed
-                except astm.HistoryUnavailable:
-                    snapshot = seats.store.db()  # fell behind: start again from a fresh value
-                    since = snapshot.t
+    @app.get(
+        "/events",
+        summary="Server-sent events: a snapshot of one show's seats, then every change (resumes from Last-Event-ID)",
+        responses={404: PROBLEMS[404], 200: {"content": {"text/event-stream": {}}}},
+        response_model=None,
+    )
+    async def events(
+        request: Request, seats: SeatsDep, store: StoreDep, show: Annotated[str, Query(max_length=64)] = ""
+    ) -> Response:
+        await seats.read(seats.show, show)  # 404 for an unknown show
+        seat_ref = seats.seat_map(show)
+        await store.load(seats.shows, seat_ref)  # a PostgreSQL peer: hold them, so snapshots read them
 
-        return StreamingResponse(
-            stream(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Astm-T": str(db.t), "X-Accel-Buffering": "no"},
-        )
+        def render(item: astm.TxReport[None] | astm.Db) -> dict[str, Any] | None:
+            if isinstance(item, astm.Db):
+                return {"t": item.t, **seats.describe(item, show)}
+            for change in item.changes:
+                if change.ref is seat_ref:
+                    old, new = change.old, change.new
+                    diff = {s: new.get(s) for s in set(old) | set(new) if old.get(s) != new.get(s)}
+                    return {"t": item.t, "seats": diff}
+            return None
 
-    routes = [
-        Route("/", index),
-        Route("/shows", guarded(list_shows)),
-        Route("/shows/{show}", guarded(get_show)),
-        Route("/shows/{show}/reservations", guarded(reserve), methods=["POST"]),
-        Route("/shows/{show}/cancellations", guarded(cancel), methods=["POST"]),
-        Route("/customers/{customer}/reservations", guarded(customer_reservations)),
-        Route("/sales", guarded(sales)),
-        Route("/events", guarded(events)),
-    ]
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.astm = state
+        return astm.web.report_events(store, request, render, event="seats")
+
     return app
 
 
-def from_env() -> Starlette:
+def _problem_handlers(app: FastAPI) -> None:
+    """The service's own errors, and FastAPI's, as problem+json (astm's come from astm.web.install)."""
+
+    async def domain(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ReservationError)
+        return astm.web.problem(
+            exc.status,
+            exc.title,
+            str(exc),
+            type=PROBLEM_BASE + exc.code,
+            instance=request.url.path,
+            code=exc.code,
+            **exc.detail,
+        )
+
+    async def invalid(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()
+        ]
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or "invalid request"
+        return astm.web.problem(
+            422,
+            "Invalid request",
+            detail,
+            type=PROBLEM_BASE + "invalid",
+            instance=request.url.path,
+            code="invalid",
+            errors=errors,
+        )
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        title = HTTPStatus(exc.status_code).phrase
+        detail = exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
+        return astm.web.problem(exc.status_code, title, detail, instance=request.url.path, headers=exc.headers)
+
+    app.add_exception_handler(ReservationError, domain)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(HTTPException, http_error)
+
+
+class _BodyLimit:
+    """Refuse request bodies larger than ``limit`` bytes with a 413 problem, before any endpoint reads them.
+
+    A body announced too large by Content-Length is refused at once; one
+    streamed without it is read up to the limit and handed on in one piece.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client went away: let the app see it
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await astm.web.problem(
+            413,
+            "Request body too large",
+            f"the body is larger than {self.limit} bytes; a booking is a customer and at most {MAX_SEATS} seats",
+            type=PROBLEM_BASE + "too-large",
+            instance=scope.get("path"),
+        )(scope, receive, send)
+
+
+def from_env() -> FastAPI:
     """The app configured by ASTM_SEATS_STORE and ASTM_SEATS_MAIL_LOG (for ``uvicorn --workers``)."""
     return create_app(
         os.environ.get("ASTM_SEATS_STORE", "sqlite:///seats.db"),
         os.environ.get("ASTM_SEATS_MAIL_LOG", "seats-mail.log"),
     )
-
-
-def _sse(event: str, data: Any) -> str:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"

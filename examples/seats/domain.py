@@ -11,23 +11,56 @@ State lives in astm refs, one identity per thing that changes on its own:
 Reserving several seats is one transaction: all of them or none. Each sale
 enqueues a confirmation on the outbox, delivered after commit; the mail
 "service" (a log file) drops duplicates by idempotency key.
+
+Changes to the big values (a seat map, the ledger, a customer's holdings) go
+through astm's collection helpers (``astm.assoc``, ``astm.dissoc``,
+``astm.conj``, ``astm.disj``): astm then checks and stores only what changed,
+so a commit costs the same on a ledger of ten entries or of a million.
+Reads for names that come from clients (a customer id) use
+``store.lookup``, which creates nothing: a flood of unknown names costs no
+memory. Reads run as read-only transactions (``Seats.read``): one consistent
+state that never conflicts, and on a PostgreSQL peer, which holds refs
+lazily, a ref it has not loaded yet is fetched rather than refused.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import string
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from pyrsistent import PMap, PSet, PVector, pmap, pset, pvector
 
 import astm
 
 Key = tuple[int, int]
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Reader(Protocol):
+    """What the read functions read through: a db value (``db[ref]``), or the current transaction."""
+
+    def __getitem__(self, ref: astm.Ref[T], /) -> T: ...
+
+
+class _InTransaction:
+    """The current transaction as a reader: ``reader[ref]`` is ``ref.get()``."""
+
+    def __getitem__(self, ref: astm.Ref[T], /) -> T:
+        return ref.get()
+
+
+IN_TRANSACTION = _InTransaction()
+
+#: how long an Idempotency-Key's answer is kept after its request (a client retries within minutes)
+IDEMPOTENCY_TTL = 24 * 3600.0
+_REF_EXPIRES = "expire_after" in inspect.signature(astm.Store.ref).parameters
 
 DEMO_SHOWS = {
     "hamlet": ("Hamlet", 6, 10),
@@ -52,6 +85,7 @@ class ReservationError(Exception):
 
     status = 400
     code = "bad_request"
+    title = "Bad request"
 
     def __init__(self, message: str, **detail: Any) -> None:
         super().__init__(message)
@@ -59,15 +93,19 @@ class ReservationError(Exception):
 
 
 class UnknownShow(ReservationError):
-    status, code = 404, "unknown_show"
+    status, code, title = 404, "unknown_show", "Unknown show"
 
 
 class Unavailable(ReservationError):
-    status, code = 409, "unavailable"
+    status, code, title = 409, "unavailable", "Seats unavailable"
 
 
 class Invalid(ReservationError):
-    status, code = 422, "invalid"
+    status, code, title = 422, "invalid", "Invalid request"
+
+
+class _Recorded(Exception):
+    """Internal: a concurrent request with the same Idempotency-Key committed first."""
 
 
 class Seats:
@@ -75,6 +113,10 @@ class Seats:
 
     def __init__(self, store: astm.Store, mail_log: Path) -> None:
         self.store = store
+        # TODO(astm): store.lookup on a PostgreSQL peer sees only the refs that peer holds (it loads them
+        # lazily), so there a None is not "no such ref"; until it can ask the database, a read falls back
+        # to store.ref, which a peer holds weakly (and caches within Store(cache_refs=...)).
+        self._lookup_is_local = store.url.startswith(("postgresql:", "postgres:"))
         self.shows: astm.Ref[PMap[str, Show]] = store.ref("shows", pmap())
         self.sales: astm.Ref[PVector[PMap[str, Any]]] = store.ref("sales", pvector())
         self.mail_log = mail_log
@@ -107,7 +149,24 @@ class Seats:
         return self.store.ref(f"seats:{show_id}", pmap())
 
     def holdings(self, customer: str) -> astm.Ref[PSet[tuple[str, str]]]:
+        """The customer's holdings ref, created if new: only for a customer who is getting seats."""
         return self.store.ref(f"customer:{customer}", pset())
+
+    def existing_holdings(self, customer: str) -> astm.Ref[PSet[tuple[str, str]]] | None:
+        """The customer's holdings ref if the customer ever held a seat, else None; creates nothing."""
+        found = self.store.lookup(f"customer:{customer}")  # a name from a client: never create a ref for it
+        if found is None and self._lookup_is_local:
+            return self.holdings(customer)
+        return found
+
+    def idempotency_record(self, key: str) -> astm.Ref[PMap[str, Any] | None]:
+        """The ref keeping the answer to the request made with ``key``; it expires after IDEMPOTENCY_TTL."""
+        name = f"idem:{key}"
+        if _REF_EXPIRES:
+            make: Callable[..., astm.Ref[PMap[str, Any] | None]] = self.store.ref
+            return make(name, None, expire_after=IDEMPOTENCY_TTL)
+        # TODO(astm: store.ref(name, initial, expire_after=seconds)): until the store has it, records never expire
+        return self.store.ref(name, None)
 
     async def setup(self, shows: dict[str, tuple[str, int, int]] | None = None) -> None:
         """Create the demo shows if the store has none."""
@@ -119,15 +178,23 @@ class Seats:
 
         await self.store.atomically(create)
 
-    # -- reading (from a db value: consistent, never blocks a writer) ----------------
+    # -- reading (one consistent state; never blocks a writer) --------------------------
 
-    def show(self, db: astm.Db, show_id: str) -> Show:
+    async def read(self, fn: Callable[..., R], *args: Any) -> tuple[int, R]:
+        """``fn(reader, *args)`` in a read-only transaction; returns (the t it read at, the result).
+
+        A read-only transaction never conflicts and never retries.
+        """
+        report = await self.store.transact(fn, IN_TRANSACTION, *args)
+        return report.db_after.t, report.result
+
+    def show(self, db: Reader, show_id: str) -> Show:
         show = db[self.shows].get(show_id)
         if show is None:
             raise UnknownShow(f"there is no show {show_id!r}", show=show_id)
         return show
 
-    def describe(self, db: astm.Db, show_id: str) -> dict[str, Any]:
+    def describe(self, db: Reader, show_id: str) -> dict[str, Any]:
         show = self.show(db, show_id)
         taken = db[self.seat_map(show_id)]
         return {
@@ -139,17 +206,18 @@ class Seats:
             "seats": {seat: taken.get(seat) for seat in show.seat_ids()},
         }
 
-    def list_shows(self, db: astm.Db) -> list[dict[str, Any]]:
+    def list_shows(self, db: Reader) -> list[dict[str, Any]]:
         out = []
         for sid, show in sorted(db[self.shows].items()):
             out.append({"id": sid, "title": show.title, "free": show.rows * show.cols - len(db[self.seat_map(sid)])})
         return out
 
-    def reservations(self, db: astm.Db, customer: str) -> list[dict[str, str]]:
-        held: PSet[tuple[str, str]] = db[self.holdings(customer)]
+    def reservations(self, db: Reader, customer: str) -> list[dict[str, str]]:
+        ref = self.existing_holdings(customer)
+        held: PSet[tuple[str, str]] = pset() if ref is None else db[ref]
         return [{"show": s, "seat": seat} for s, seat in sorted(held)]
 
-    def ledger(self, db: astm.Db) -> dict[str, Any]:
+    def ledger(self, db: Reader) -> dict[str, Any]:
         entries = [dict(e) for e in db[self.sales]]
         sold = sum(1 for e in entries if e["kind"] == "sale") - sum(1 for e in entries if e["kind"] == "refund")
         return {"entries": entries, "seats_sold": sold}
@@ -172,11 +240,13 @@ class Seats:
         if clash:
             if len(taken) == show.rows * show.cols:
                 raise Unavailable(f"{show.title} is sold out", show=show_id)
-            raise Unavailable(f"seats {', '.join(clash)} are already taken", show=show_id, seats=clash)
-        seat_map.set(taken.update({s: customer for s in seats}))
-        self.holdings(customer).alter(lambda h: h.update((show_id, s) for s in seats))
+            taken_text = f"seat {clash[0]} is" if len(clash) == 1 else f"seats {', '.join(clash)} are"
+            raise Unavailable(f"{taken_text} already taken; pick free seats", show=show_id, seats=clash)
         for s in seats:
-            self.sales.commute(_append, pmap({"kind": "sale", "show": show_id, "seat": s, "customer": customer}))
+            seat_map.alter(astm.assoc, s, customer)
+        self.holdings(customer).alter(astm.conj, *((show_id, s) for s in seats))
+        for s in seats:
+            self.sales.commute(astm.conj, pmap({"kind": "sale", "show": show_id, "seat": s, "customer": customer}))
         self.send_confirmation.enqueue(
             pmap({"kind": "confirmation", "show": show_id, "seats": tuple(seats), "customer": customer})
         )
@@ -196,34 +266,53 @@ class Seats:
         taken = seat_map.get()
         not_held = sorted(s for s in seats if taken.get(s) != customer)
         if not_held:
-            raise Unavailable(f"{customer} does not hold {', '.join(not_held)}", seats=not_held)
-        freed = taken.evolver()
+            raise Unavailable(
+                f"{customer} does not hold {', '.join(not_held)}; only the customer holding a seat can cancel it",
+                seats=not_held,
+            )
+        seat_map.alter(astm.dissoc, *seats)
+        self.holdings(customer).alter(astm.disj, *((show_id, s) for s in seats))
         for s in seats:
-            freed.remove(s)
-        seat_map.set(freed.persistent())
-        self.holdings(customer).alter(lambda h: h.difference((show_id, s) for s in seats))
-        for s in seats:
-            self.sales.commute(_append, pmap({"kind": "refund", "show": show_id, "seat": s, "customer": customer}))
+            self.sales.commute(astm.conj, pmap({"kind": "refund", "show": show_id, "seat": s, "customer": customer}))
         return {"show": show_id, "customer": customer, "cancelled": list(seats)}
 
     async def _once(self, key: str | None, request: tuple[Any, ...], fn: Any, *args: Any) -> tuple[int, dict[str, Any]]:
-        """Run ``fn`` as a transaction; with an idempotency key, at most once per key."""
+        """Run ``fn`` as a transaction; with an idempotency key, at most once per key.
+
+        The answer is recorded in the same transaction as the change it
+        describes, so a retry either finds it or runs the request for the
+        first time: never twice. A request that fails records nothing (and
+        creates no ref): only successes are replayed.
+        """
+
+        def replay(done: PMap[str, Any]) -> dict[str, Any]:
+            if done["request"] != request:
+                raise Invalid("this Idempotency-Key was used for a different request; use a new key", key=key)
+            return {**json.loads(done["response"]), "replayed": True}
 
         def body() -> dict[str, Any]:
             if key is None:
                 return fn(*args)  # type: ignore[no-any-return]
-            record: astm.Ref[PMap[str, Any] | None] = self.store.ref(f"idem:{key}", None)
+            existing: astm.Ref[PMap[str, Any] | None] | None = self.store.lookup(f"idem:{key}")
+            done = None if existing is None else existing.get()
+            if done is not None:
+                return replay(done)
+            result: dict[str, Any] = fn(*args)
+            record = self.idempotency_record(key)
             done = record.get()
             if done is not None:
-                if done["request"] != request:
-                    raise Invalid("this Idempotency-Key was used for a different request", key=key)
-                return {**json.loads(done["response"]), "replayed": True}
-            result: dict[str, Any] = fn(*args)
+                # another request with this key committed after this one looked: undo this attempt, replay that one
+                raise _Recorded
             record.set(pmap({"request": request, "response": json.dumps(result)}))
             return result
 
-        report = await self.store.transact(body)
-        return report.t, report.result
+        for _ in range(3):
+            try:
+                report = await self.store.transact(body)
+            except _Recorded:
+                continue
+            return report.t, report.result
+        raise RuntimeError(f"the answer recorded for Idempotency-Key {key!r} kept changing; send the request again")
 
     def _show_in_tx(self, show_id: str) -> Show:
         show = self.shows.get().get(show_id)
@@ -237,10 +326,6 @@ class Seats:
         unknown = sorted(s for s in seats if s not in valid)
         if unknown:
             raise Invalid(f"{show.title} has no seat {', '.join(unknown)}", seats=unknown)
-
-
-def _append(ledger: PVector[Any], entry: Any) -> PVector[Any]:
-    return ledger.append(entry)
 
 
 def _plain(value: Any) -> Any:

@@ -4,8 +4,9 @@
 
 Without ``--url`` it starts the service itself (a fresh SQLite store in a
 temporary directory, on a free loopback port) and stops it afterwards. While
-it runs it prints progress once a second; then it checks that no seat was
-sold twice, that the seats sold equal the ledger, and that every sale got
+it runs it prints progress once a second; then throughput and latency
+percentiles (p50, p90, p99, per kind of request), and it checks that no seat
+was sold twice, that the seats sold equal the ledger, and that every sale got
 exactly one confirmation. Exit status 0 means every check passed.
 """
 
@@ -14,25 +15,60 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
+import re
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@dataclass
+class Latencies:
+    """Request latencies in seconds, by kind of request."""
+
+    samples: defaultdict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.samples[kind].append(seconds)
+
+    def all(self) -> list[float]:
+        return [x for xs in self.samples.values() for x in xs]
+
+
+def percentiles(samples: list[float], wanted: tuple[int, ...] = (50, 90, 99)) -> dict[int, float]:
+    """The ``wanted`` percentiles of ``samples`` (inclusive method: each lies within the samples' range)."""
+    if not samples:
+        raise ValueError("no latency samples: no request completed")
+    if len(samples) == 1:
+        return dict.fromkeys(wanted, samples[0])
+    cuts = statistics.quantiles(samples, n=100, method="inclusive")
+    return {p: cuts[p - 1] for p in wanted}
+
+
+def latency_lines(latencies: Latencies) -> list[str]:
+    """``latency <kind>: p50 .. ms  p90 .. ms  p99 .. ms  (n requests)``, every kind and then all together."""
+    rows = [*sorted(latencies.samples.items()), ("all", latencies.all())]
+    out = []
+    for kind, xs in rows:
+        if xs:
+            p = percentiles(xs)
+            out.append(
+                f"latency {kind}: p50 {p[50] * 1000:.1f} ms  p90 {p[90] * 1000:.1f} ms  "
+                f"p99 {p[99] * 1000:.1f} ms  ({len(xs)} requests)"
+            )
+    return out
 
 
 async def _wait_up(client: httpx.AsyncClient, deadline: float) -> None:
@@ -47,9 +83,19 @@ async def _wait_up(client: httpx.AsyncClient, deadline: float) -> None:
         await anyio.sleep(0.1)
 
 
-async def hammer(url: str, clients: int, seconds: float, seed: int = 1) -> Counter[str]:
+async def hammer(
+    url: str, clients: int, seconds: float, seed: int = 1, latencies: Latencies | None = None
+) -> Counter[str]:
     """Run ``clients`` concurrent customers against ``url`` for ``seconds``; returns outcome counts."""
     counts: Counter[str] = Counter()
+    lat = latencies if latencies is not None else Latencies()
+
+    async def post(kind: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> httpx.Response:
+        start = time.perf_counter()
+        r = await client.post(path, json=body, headers=headers)
+        lat.add(kind, time.perf_counter() - start)
+        return r
+
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
         await _wait_up(client, time.monotonic() + 30)
@@ -64,23 +110,22 @@ async def hammer(url: str, clients: int, seconds: float, seed: int = 1) -> Count
             while time.monotonic() < stop:
                 if held and rng.random() < 0.15:
                     show, seat = held.pop(rng.randrange(len(held)))
-                    r = await client.post(f"/shows/{show}/cancellations", json={"customer": me, "seats": [seat]})
+                    r = await post("cancel", f"/shows/{show}/cancellations", {"customer": me, "seats": [seat]})
                     counts["cancelled" if r.status_code == 200 else f"cancel {r.status_code}"] += 1
                     continue
                 show = rng.choice(shows)
                 seats = rng.sample(layout[show], rng.randint(1, 3))
                 key = uuid.uuid4().hex
-                r = await client.post(
-                    f"/shows/{show}/reservations",
-                    json={"customer": me, "seats": seats},
-                    headers={"Idempotency-Key": key},
+                r = await post(
+                    "reserve", f"/shows/{show}/reservations", {"customer": me, "seats": seats}, {"Idempotency-Key": key}
                 )
                 if r.status_code == 201 and rng.random() < 0.1:
                     # a client retry with the same key: must not book twice
-                    again = await client.post(
+                    again = await post(
+                        "replay",
                         f"/shows/{show}/reservations",
-                        json={"customer": me, "seats": seats},
-                        headers={"Idempotency-Key": key},
+                        {"customer": me, "seats": seats},
+                        {"Idempotency-Key": key},
                     )
                     counts[
                         "replayed" if again.status_code == 200 and again.json().get("replayed") else "BAD REPLAY"
@@ -161,26 +206,42 @@ async def settle(url: str, mail_log: Path, expected_sales: int, timeout: float =
         await anyio.sleep(0.1)
 
 
+async def _banner_url(server: anyio.abc.Process, deadline: float) -> str:
+    """Read the service's start banner (printed once it listens) for its URL."""
+    assert server.stdout is not None
+    seen = b""
+    with anyio.fail_after(max(deadline - time.monotonic(), 0.1)):
+        async for chunk in server.stdout:
+            seen += chunk
+            found = re.search(rb"seat service on (http://\S+)", seen)
+            if found:
+                return found.group(1).decode()
+    raise RuntimeError(f"the seat service exited before it listened: {seen.decode(errors='replace')}")
+
+
 async def run(args: argparse.Namespace) -> int:
     server = None
     tmp = None
     url, mail_log = args.url, Path(args.mail_log) if args.mail_log else None
-    if url is None:
-        tmp = tempfile.TemporaryDirectory()
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        mail_log = Path(tmp.name) / "mail.log"
-        server = await anyio.open_process(
-            [sys.executable, "-m", "examples.seats", "--store", f"sqlite:///{tmp.name}/seats.db",
-             "--mail-log", str(mail_log), "--port", str(port)],
-            cwd=ROOT, stdout=None, stderr=None,
-        )  # fmt: skip
-    if mail_log is None:
+    if mail_log is None and url is not None:
         print("--mail-log is needed with --url (the service's confirmation log)", file=sys.stderr)
         return 2
+    latencies = Latencies()
     try:
+        if url is None:
+            tmp = tempfile.TemporaryDirectory()
+            mail_log = Path(tmp.name) / "mail.log"
+            server = await anyio.open_process(
+                [sys.executable, "-m", "examples.seats", "--store", f"sqlite:///{tmp.name}/seats.db",
+                 "--mail-log", str(mail_log), "--port", "0"],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=None,
+            )  # fmt: skip
+            url = await _banner_url(server, time.monotonic() + 30)
+        assert mail_log is not None
         print(f"load: {args.clients} clients for {args.seconds}s against {url}", flush=True)
-        counts = await hammer(url, args.clients, args.seconds)
+        started = time.monotonic()
+        counts = await hammer(url, args.clients, args.seconds, latencies=latencies)
+        elapsed = time.monotonic() - started
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             sales = sum(1 for e in (await client.get("/sales")).json()["entries"] if e["kind"] == "sale")
         await settle(url, mail_log, sales)
@@ -193,6 +254,10 @@ async def run(args: argparse.Namespace) -> int:
         if tmp is not None:
             tmp.cleanup()
     print("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    total = len(latencies.all())
+    print(f"throughput: {total} requests in {elapsed:.1f}s ({total / elapsed:.0f} req/s)")
+    for line in latency_lines(latencies):
+        print(line)
     bad = [k for k in counts if k.startswith(("status", "BAD", "cancel 5"))]
     problems += [f"unexpected outcome: {k} x{counts[k]}" for k in bad]
     if problems:
