@@ -31,11 +31,13 @@ longer commit once the answer "not committed" has been given.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Collection, Hashable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -57,6 +59,9 @@ if TYPE_CHECKING:
     from .._timeline import Timeline
 
 __all__ = ["SCHEMA_VERSION", "PostgresCommitter", "PostgresOutbox", "PostgresStorage"]
+
+#: a peer's own commit as it sent it: (time, [(name, ("v", new value))], the encoded changes)
+_Own = tuple[float, list[tuple[str, tuple[Any, ...]]], list[tuple[str, str, str, Any]]]
 
 log = logging.getLogger("astm")
 
@@ -168,11 +173,13 @@ _COMMIT_FUNCTION = """CREATE OR REPLACE FUNCTION astm_commit_batch(p_batch jsonb
         everything jsonb;
         res jsonb;
     BEGIN
-        SELECT m.value::bigint INTO cur FROM astm_meta m WHERE m.key = 't' FOR UPDATE SKIP LOCKED;
-        IF NOT FOUND THEN  -- another peer is committing: queue this batch for the next commit
+        -- the commit lock is an advisory lock: waiting for it, or holding it to collect results, writes
+        -- nothing, so a peer whose results another peer's commit produced costs no WAL flush of its own
+        IF NOT pg_try_advisory_xact_lock(7272727) THEN  -- another peer is committing: queue for the next one
             INSERT INTO astm_pending (id, payload) SELECT (b->>'id')::uuid, b FROM jsonb_array_elements(p_batch) b;
             RETURN NULL;
         END IF;
+        SELECT m.value::bigint INTO cur FROM astm_meta m WHERE m.key = 't';
         WITH d AS (DELETE FROM astm_pending RETURNING payload, seq)
         SELECT COALESCE(jsonb_agg(d.payload ORDER BY d.seq), '[]'::jsonb) INTO queued FROM d;
         everything := queued || p_batch;
@@ -195,7 +202,8 @@ _PENDING_FUNCTION = """CREATE OR REPLACE FUNCTION astm_commit_pending(p_mine uui
         queued jsonb;
         res jsonb;
     BEGIN
-        SELECT m.value::bigint INTO cur FROM astm_meta m WHERE m.key = 't' FOR UPDATE;  -- waits its turn
+        PERFORM pg_advisory_xact_lock(7272727);  -- waits its turn
+        SELECT m.value::bigint INTO cur FROM astm_meta m WHERE m.key = 't';
         WITH d AS (DELETE FROM astm_pending RETURNING payload, seq)
         SELECT COALESCE(jsonb_agg(d.payload ORDER BY d.seq), '[]'::jsonb) INTO queued FROM d;
         IF jsonb_array_length(queued) > 0 THEN
@@ -343,6 +351,7 @@ class PostgresStorage:
                 dsn, "the PostgreSQL store needs asyncpg", "pip install 'astm-state[postgres]'"
             ) from None
         self.dsn = dsn
+        self._where = self._describe(dsn)
         self.timeline = timeline
         self.host = host
         self.pool: asyncpg.Pool | None = None
@@ -368,9 +377,14 @@ class PostgresStorage:
     # -- opening ---------------------------------------------------------------------
 
     def where(self) -> str:
+        """The database, for messages (the DSN without credentials)."""
+        return self._where
+
+    @staticmethod
+    def _describe(dsn: str) -> str:
         import urllib.parse
 
-        p = urllib.parse.urlsplit(self.dsn)
+        p = urllib.parse.urlsplit(dsn)
         return f"postgresql://{p.hostname}:{p.port or 5432}{p.path}"
 
     def require_pool(self) -> asyncpg.Pool:
@@ -439,7 +453,8 @@ class PostgresStorage:
                     "SELECT name, t, calls FROM astm_ref_deltas WHERE name = ANY($1) ORDER BY name, t", names
                 )
             found = self._values(rows, deltas)
-            await self._catch_up_to(snap)  # apply up to the snapshot, not past it: those refs are still cold
+            # apply up to the snapshot, not past it: those refs are still cold
+            await self._catch_up_to(snap, locked=True)
             with self.timeline.lock:
                 self.host._warm(cold, found)
 
@@ -570,31 +585,45 @@ class PostgresStorage:
 
     async def catch_up(self, upto: int | None = None) -> None:
         """Apply every log row after this peer's basis (up to ``upto`` at least)."""
-        async with self._catching_up:
-            if upto is not None and self.timeline.t >= upto:
-                return
-            await self._catch_up_to(None)
+        if upto is not None and self.timeline.t >= upto:
+            return
+        await self._catch_up_to(None)
 
-    async def _catch_up_to(self, upto: int | None) -> None:
-        """Apply log rows after the basis, up to ``upto`` (or all), in chunks that let other tasks run."""
+    async def _catch_up_to(self, upto: int | None, locked: bool = False) -> None:
+        """Apply log rows after the basis, up to ``upto`` (or all), in chunks that let other tasks run.
+
+        The rows are fetched without holding the catch-up lock (fetches of
+        several tasks overlap); applying them takes it, and skips what another
+        task applied meanwhile. ``locked``: the caller holds it already.
+        """
         pool = self.require_pool()
         while upto is None or self.timeline.t < upto:
+            start = self.timeline.t
             async with pool.acquire() as conn:
                 rows = await conn.fetch(
                     "SELECT t, time, changes FROM astm_log WHERE t > $1 AND t <= $2 ORDER BY t LIMIT $3",
-                    self.timeline.t,
+                    start,
                     sys.maxsize if upto is None else upto,
                     CATCH_UP_CHUNK,
                 )
             if not rows:
                 return
-            if rows[0]["t"] > self.timeline.t + 1:
-                # the log was trimmed past this peer's basis: start again from the refs table
-                with self.timeline.lock:
-                    self.host._rebase(rows[0]["t"] - 1)
-            await self._apply(rows)
+            if locked:
+                await self._apply_fetched(rows, start)
+            else:
+                async with self._catching_up:
+                    await self._apply_fetched(rows, start)
             if len(rows) == CATCH_UP_CHUNK:
                 await anyio.lowlevel.checkpoint()  # a long gap: let the loop breathe between chunks
+
+    async def _apply_fetched(self, rows: list[Any], start: int) -> None:
+        """Apply rows fetched from ``start`` on (holding the catch-up lock)."""
+        if rows[0]["t"] > start + 1:
+            # the log was trimmed past this peer's basis: start again from the refs table
+            with self.timeline.lock:
+                if self.timeline.t == start:
+                    self.host._rebase(rows[0]["t"] - 1)
+        await self._apply([r for r in rows if r["t"] > self.timeline.t])
 
     async def _apply(self, rows: list[Any]) -> None:
         tl = self.timeline
@@ -617,6 +646,32 @@ class PostgresStorage:
             x.fire()
         if watched:
             await run_watches(watched)
+
+    async def apply_own(self, commits: list[tuple[int, _Own]]) -> None:
+        """This peer's own commits, just acknowledged: applied from what it sent, not read back.
+
+        Only the commits of other peers in between (if any) are read from the log.
+        """
+        if not commits:
+            return
+        tl = self.timeline
+        where = self.where()
+        for t, (when, changes, kinds) in sorted(commits, key=lambda c: c[0]):
+            if tl.t >= t:
+                continue
+            await self._catch_up_to(t - 1)  # the other peers' commits in between, if any
+            async with self._catching_up:
+                with tl.lock:
+                    if tl.t != t - 1:
+                        continue
+                    applied, wake, watched = self.host._apply_logged(t, when, changes, where)
+                    counts = self.deltas
+                    for name, kind, _, _ in kinds:
+                        counts[name] = counts.get(name, 0) + 1 if kind == "d" else 0
+            for w in wake or ():
+                w.fire()
+            if watched:
+                await run_watches(applied)
 
     async def catch_up_after(self, t: int) -> None:
         """Apply the log up to this peer's own commit ``t``, riding out a reconnect."""
@@ -696,8 +751,11 @@ class PostgresCommitter:
 
     def __init__(self, peer: PostgresStorage) -> None:
         self._peer = peer
-        self._queue: list[tuple[uuid.UUID, dict[str, Any], Waiter]] = []
+        self._queue: list[tuple[uuid.UUID, dict[str, Any], Waiter, _Own]] = []
         self._sending = False
+        #: answered batches waiting to be applied, in the order they were sent
+        self._answered: deque[tuple[list[tuple[uuid.UUID, dict[str, Any], Waiter, _Own]], list[Any]]] = deque()
+        self._applying = False
         self._stopped = False
         self._conn: asyncpg.Connection | None = None
 
@@ -738,9 +796,10 @@ class PostgresCommitter:
                 else:
                     base, calls = json.loads(text)
                     writes.append({"name": name, "kind": "d", "base": base, "calls": codec.text(calls)})
+            now = time.time()
             payload = {
                 "id": str(tx_id),
-                "time": time.time(),
+                "time": now,
                 "reads": reads,
                 "commutes": commutes,
                 "writes": writes,
@@ -750,7 +809,8 @@ class PostgresCommitter:
                     for seq, name, p, ok in encode_outbox(request.outbox)
                 ],
             }
-            result = await self._batched(tx_id, payload)
+            own: _Own = (now, [(name, ("v", value)) for name, _, _, value in changes], changes)
+            result = await self._batched(tx_id, payload, own)
             status, t = result["status"], result["t"]
             await peer.catch_up_after(t)
             if status == "ok":
@@ -784,7 +844,7 @@ class PostgresCommitter:
             out.append(change)
         return out
 
-    async def _batched(self, tx_id: uuid.UUID, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _batched(self, tx_id: uuid.UUID, payload: dict[str, Any], own: _Own) -> dict[str, Any]:
         """Queue one commit for the sender task, which sends everything queued in one round trip.
 
         While a batch is in flight, later commits queue up and go together in
@@ -794,7 +854,7 @@ class PostgresCommitter:
         never touches the commits of other callers.
         """
         w = Waiter()
-        item = (tx_id, payload, w)
+        item = (tx_id, payload, w, own)
         self._queue.append(item)
         if not self._sending:
             self._sending = True
@@ -810,24 +870,48 @@ class PostgresCommitter:
         return w.payload  # type: ignore[no-any-return]
 
     async def _send_loop(self) -> None:
+        """Send queued batches one after another; their answers are applied by a task of their own.
+
+        Applying a batch (reading the other peers' commits in between, then
+        installing this peer's own) overlaps with sending the next one.
+        """
         try:
             while self._queue:
                 batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
                 try:
-                    results = await self._send([p for _, p, _ in batch], [i for i, _, _ in batch])
+                    results = await self._send([p for _, p, _, _ in batch], [i for i, _, _, _ in batch])
                 except BaseException as exc:
-                    for _, _, bw in batch:
+                    for _, _, bw, _ in batch:
                         bw.fire(exc)
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                for (_, _, bw), res in zip(batch, results, strict=True):
-                    bw.fire(res)
+                self._answered.append((batch, results))
+                if not self._applying:
+                    self._applying = True
+                    spawn(self._apply_loop)
         finally:
             self._sending = False
             if self._queue and not self._stopped:
                 self._sending = True
                 spawn(self._send_loop)
+
+    async def _apply_loop(self) -> None:
+        """Install this peer's acknowledged commits in t order, then wake their callers."""
+        try:
+            while self._answered:
+                batch, results = self._answered.popleft()
+                mine = [(res["t"], own) for (_, _, _, own), res in zip(batch, results, strict=True)
+                        if isinstance(res, dict) and res["status"] == "ok"]  # fmt: skip
+                with contextlib.suppress(*_connection_errors()):  # else each committer reads its commit back
+                    await self._peer.apply_own(mine)
+                for (_, _, bw, _), res in zip(batch, results, strict=True):
+                    bw.fire(res)
+        finally:
+            self._applying = False
+            if self._answered and not self._stopped:
+                self._applying = True
+                spawn(self._apply_loop)
 
     async def _send(self, payloads: list[dict[str, Any]], ids: list[uuid.UUID]) -> list[Any]:
         """One round trip for a batch. If the connection drops, each outcome is looked up and fenced.
@@ -869,7 +953,7 @@ class PostgresCommitter:
             try:
                 async with pool.acquire() as conn, conn.transaction():
                     # the commit lock: waits out a batch still running on the dropped connection
-                    await conn.execute("SELECT 1 FROM astm_meta WHERE key = 't' FOR UPDATE")
+                    await conn.execute("SELECT pg_advisory_xact_lock(7272727)")
                     found = dict(await conn.fetch("SELECT tx_id, t FROM astm_log WHERE tx_id = ANY($1)", ids))
                     missing = [i for i in ids if i not in found]
                     if missing:
