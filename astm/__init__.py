@@ -23,6 +23,7 @@ from ._errors import HistoryUnavailable as HistoryUnavailable
 from ._errors import IOInTransactionError as IOInTransactionError
 from ._errors import MutableValueError as MutableValueError
 from ._errors import NotInTransactionError as NotInTransactionError
+from ._errors import RefDeleted as RefDeleted
 from ._errors import RefNotLoaded as RefNotLoaded
 from ._errors import RetryLimitExceeded as RetryLimitExceeded
 from ._errors import StorageError as StorageError
@@ -31,6 +32,7 @@ from ._errors import StoreMismatchError as StoreMismatchError
 from ._errors import SyncTimeout as SyncTimeout
 from ._errors import TransactionEndedError as TransactionEndedError
 from ._errors import ValidationError as ValidationError
+from ._markers import DELETED as DELETED
 from ._ops import assoc as assoc
 from ._ops import conj as conj
 from ._ops import disj as disj
@@ -64,6 +66,7 @@ __all__ = [
     "CodecError",
     "CommitOutcomeUnknown",
     "CommuteConflictError",
+    "DELETED",
     "Db",
     "DeadLetter",
     "Effect",
@@ -73,6 +76,7 @@ __all__ = [
     "NotInTransactionError",
     "Outbox",
     "Ref",
+    "RefDeleted",
     "RefNotLoaded",
     "RetryLimitExceeded",
     "Stats",
@@ -100,6 +104,7 @@ __all__ = [
 
 for _name in __all__:
     _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("astm."):
+    exported = isinstance(_obj, type) or (callable(_obj) and hasattr(_obj, "__dict__"))  # not DELETED
+    if exported and getattr(_obj, "__module__", "").startswith("astm."):
         _obj.__module__ = "astm"
-del _name, _obj
+del _name, _obj, exported

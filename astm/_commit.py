@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import codec
 from ._errors import StoreClosed, ValidationError, _Conflict
+from ._markers import DELETED
 from ._ops import STRUCTURAL, Call, decode_calls, encode_calls
 from ._values import check_value
 from .abc import CommitRecord, LogStorage
@@ -119,7 +120,7 @@ class CommitRequest:
                 commuted.append(r)
         for r, v in vals.items():
             validator = r._validator
-            if validator is not None:
+            if validator is not None and v is not DELETED:
                 validate_value(r.name, validator, v)
         return commuted
 
@@ -209,6 +210,9 @@ def encode_changes(request: CommitRequest) -> list[tuple[str, str, str, Any]]:
     out = []
     for r, v in request.vals.items():
         where = f"ref {r.name!r}"
+        if v is DELETED:
+            out.append((r.name, "x", "null", v))
+            continue
         base, before = r._cur
         if base == 0:
             out.append((r.name, "n", codec.text([codec.encode(v, where), codec.encode(before, where)]), v))
@@ -230,11 +234,12 @@ def encode_changes(request: CommitRequest) -> list[tuple[str, str, str, Any]]:
 def row_text(changes: list[tuple[str, str, str, Any]]) -> str:
     """A commit's changes as one log row.
 
-    ``[[name, "v", value], [name, "n", value, initial], [name, "d", base t, calls], ...]``.
+    ``[[name, "v", value], [name, "n", value, initial], [name, "d", base t, calls], [name, "x", null]]``
+    (``"x"``: the ref was deleted).
     """
     parts = []
     for name, kind, text, _ in changes:
-        body = text if kind == "v" else text[1:-1]  # the other kinds' text is a JSON list of their fields
+        body = text[1:-1] if kind in ("n", "d") else text  # their text is a JSON list of their fields
         parts.append(f'[{json.dumps(name)},"{kind}",{body}]')
     return f"[{','.join(parts)}]"
 
@@ -248,6 +253,8 @@ def decode_row(items: list[Any]) -> list[tuple[str, tuple[Any, ...]]]:
             out.append((item[0], ("v", codec.decode(item[2]))))
         elif kind == "n":
             out.append((item[0], ("v", codec.decode(item[2]), codec.decode(item[3]))))
+        elif kind == "x":
+            out.append((item[0], ("x",)))
         else:
             out.append((item[0], ("d", item[2], decode_calls(item[3]))))
     return out

@@ -7,12 +7,12 @@ versions it needs are kept, and dropping it releases them.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar, overload
 
-from ._errors import HistoryUnavailable, RefNotLoaded
+from ._errors import HistoryUnavailable, RefDeleted, RefNotLoaded
+from ._markers import COLD, Cold, Tombstone
 
 if TYPE_CHECKING:
     from ._ref import Ref
@@ -35,7 +35,8 @@ class Db:
     """The immutable value of a store at basis ``t``: ``db[ref]``, ``db.get(ref)``, ``ref in db``.
 
     A ref has its initial value at every ``t`` before its first commit (creating
-    a ref is not a commit), so every ref of the store is in every db value.
+    a ref is not a commit), so every ref of the store is in every db value
+    until a commit deletes it (``ref.delete()``).
     """
 
     __slots__ = ("_pinned", "_store", "t")
@@ -61,8 +62,12 @@ class Db:
         tl = self._store._timeline
         v = tl.version_at(ref, t)
         if v is None:
-            if cur[0] == sys.maxsize:  # a ref a PostgreSQL peer has not loaded
-                raise RefNotLoaded(ref.name)
+            if cur[0] == COLD:
+                mark: Any = cur[1]
+                if type(mark) is Tombstone and mark.t <= t:
+                    raise RefDeleted(ref.name, mark.t)
+                if type(mark) is Cold:  # a ref a PostgreSQL peer has not loaded
+                    raise RefNotLoaded(ref.name)
             raise HistoryUnavailable(t, tl.oldest, "db value")
         return v
 
@@ -75,16 +80,22 @@ class Db:
     def get(self, ref: Ref[T], default: D) -> T | D: ...
     def get(self, ref: Ref[T], default: Any = None) -> Any:
         """The ref's value at ``t``, or ``default`` when ``ref`` is not a ref of this store."""
-        from ._ref import Ref
-
-        if not isinstance(ref, Ref) or ref._store is not self._store:
+        if not self._holds(ref):
             return default
         return self._version(ref)[1]
 
     def __contains__(self, ref: object) -> bool:
+        return self._holds(ref)
+
+    def _holds(self, ref: object) -> bool:
+        """Whether ``ref`` is a ref of this store that exists at ``t`` (not deleted by then)."""
         from ._ref import Ref
 
-        return isinstance(ref, Ref) and ref._store is self._store
+        if not isinstance(ref, Ref) or ref._store is not self._store:
+            return False
+        cur = ref._cur
+        mark = cur[1]
+        return not (cur[0] == COLD and type(mark) is Tombstone and mark.t <= self.t)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Db) and other._store is self._store and other.t == self.t

@@ -17,6 +17,7 @@ The tree::
     ├── RetryLimitExceeded                     a transaction kept conflicting
     ├── HistoryUnavailable (LookupError)       as_of / reports beyond retention
     ├── RefNotLoaded (LookupError)             a read outside transactions of a ref a peer has not cached
+    ├── RefDeleted (LookupError)               a read of a ref a commit deleted
     ├── SyncTimeout (TimeoutError)             sync(t) waited too long
     ├── AgentFailed (RuntimeError)             a send to (or wait on) a failed agent
     ├── AgentWaitError (RuntimeError)          agent.wait() where it could never return right
@@ -44,6 +45,7 @@ __all__ = [
     "IOInTransactionError",
     "MutableValueError",
     "NotInTransactionError",
+    "RefDeleted",
     "RefNotLoaded",
     "RetryLimitExceeded",
     "StoreClosed",
@@ -233,6 +235,18 @@ class HistoryUnavailable(AstmError, LookupError):
             f"{what}({t}): that point is no longer retained; the oldest t available is "
             f"{oldest}. Resume from a fresh db value (store.db()) or keep more history "
             "(Store(history=..., history_seconds=...))"
+        )
+
+
+class RefDeleted(AstmError, LookupError):
+    """Raised when a ref that a commit deleted is read through an old handle."""
+
+    def __init__(self, name: str, t: int) -> None:
+        self.name = name
+        self.t = t
+        super().__init__(
+            f"ref {name!r} was deleted by the commit at t={t}; `store.ref(name, initial)` creates it anew "
+            "(this handle stays deleted), and `store.as_of(t)` reads what it held before"
         )
 
 

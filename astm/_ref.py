@@ -8,35 +8,22 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
-from . import _tx
 from ._backend import Waiter
-from ._errors import NotInTransactionError, RefNotLoaded
+from ._errors import NotInTransactionError, RefDeleted, RefNotLoaded
+from ._markers import COLD, Tombstone
 from ._tx import _NO, Claimant, _current
 from ._values import _IMMUTABLE_FAST
 
 if TYPE_CHECKING:
     from ._store import Store
 
-__all__ = ["COLD", "Cold", "Ref"]
+__all__ = ["Ref"]
 
 T = TypeVar("T")
 
 Watch = Callable[[Any, "Ref[Any]", Any, Any], Any]
-
-#: the version of a ref whose value this process does not hold (a PostgreSQL peer's cache miss):
-#: newer than every read point, so every read of it takes the engine's slow path and fetches it
-COLD = _tx.COLD
-
-
-class Cold:
-    """The value slot of a cold ref: what it holds if storage has no value for it (its initial value)."""
-
-    __slots__ = ("initial",)
-
-    def __init__(self, initial: Any) -> None:
-        self.initial = initial
 
 
 class Ref(Generic[T]):
@@ -52,6 +39,7 @@ class Ref(Generic[T]):
         "_claim",
         "_conflicts",
         "_cur",
+        "_expire",
         "_heat",
         "_hist",
         "_keep",
@@ -61,6 +49,7 @@ class Ref(Generic[T]):
         "_validator",
         "_waiters",
         "_watches",
+        "_written",
         "name",
     )
 
@@ -88,6 +77,9 @@ class Ref(Generic[T]):
         self._heat = 0
         self._conflicts = 0
         self._ord = ordinal
+        #: expire_after seconds, and when it was last written (wall clock), for refs that expire
+        self._expire: float | None = None
+        self._written = 0.0
 
     @property
     def store(self) -> Store:
@@ -100,7 +92,7 @@ class Ref(Generic[T]):
         if tx is None:
             cur = self._cur
             if cur[0] == COLD:
-                raise RefNotLoaded(self.name)
+                self._missing(cur[1])
             return cur[1]
         # the common case inline (this is the hot path); the rest in the engine
         v = tx.vals.get(self, _NO)
@@ -125,9 +117,15 @@ class Ref(Generic[T]):
         if tx is None:
             cur = self._cur
             if cur[0] == COLD:
-                raise RefNotLoaded(self.name)
+                self._missing(cur[1])
             return cur[1]
         return tx.peek(self)  # type: ignore[no-any-return]
+
+    def _missing(self, mark: Any) -> NoReturn:
+        """A read of a ref that has no value here: deleted, or not loaded by this peer."""
+        if type(mark) is Tombstone:
+            raise RefDeleted(self.name, mark.t)
+        raise RefNotLoaded(self.name)
 
     def set(self, value: T) -> T:
         """Set the in-transaction value (Clojure's ``ref-set``); conflicts with any other commit to this ref."""
@@ -173,6 +171,19 @@ class Ref(Generic[T]):
             raise NotInTransactionError(f"ref {self.name!r}: commute()")
         return tx.commute(self, fn, args)  # type: ignore[no-any-return]
 
+    def delete(self) -> None:
+        """Remove the ref at this transaction's commit (a write: it conflicts like ``set``).
+
+        Db values, ``as_of`` and reports see the removal at its ``t``; until
+        commit the transaction reads ``astm.DELETED`` from it. Afterwards
+        ``store.lookup(name)`` is None and ``store.ref(name, initial)`` creates
+        a new ref; reads through this handle raise ``RefDeleted``.
+        """
+        tx = _current.get()
+        if tx is None:
+            raise NotInTransactionError(f"ref {self.name!r}: delete()")
+        tx.delete(self)
+
     def ensure(self) -> T:
         """Read the ref and guarantee no other commit changes it before this one."""
         tx = _current.get()
@@ -205,5 +216,5 @@ class Ref(Generic[T]):
     def __repr__(self) -> str:
         t, v = self._cur
         if t == COLD:
-            return f"<astm.Ref {self.name!r} (not loaded)>"
+            return f"<astm.Ref {self.name!r} ({'deleted' if type(v) is Tombstone else 'not loaded'})>"
         return f"<astm.Ref {self.name!r} t={t} value={v!r}>"

@@ -9,7 +9,10 @@ every store.
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import itertools
+import time
 import weakref
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, MutableMapping
 from dataclasses import dataclass
@@ -18,15 +21,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.to_thread
+import sniffio
 
 from ._agent import Agent, AgentFamily, ErrorMode
 from ._atom import Atom
+from ._backend import Waiter, spawn
 from ._commit import LocalCommitter, validate_value
 from ._db import Db, TxReport
 from ._errors import HistoryUnavailable, StorageError, StoreClosed, StoreMismatchError, SyncTimeout
+from ._markers import COLD, DELETED, Cold
 from ._ops import apply_calls
 from ._outbox import Effect, Handler, Outbox
-from ._ref import COLD, Cold, Ref
+from ._ref import Ref
 from ._timeline import Timeline
 from ._tx import run_transaction
 from ._values import check_value
@@ -113,6 +119,7 @@ class Store:
         self.url = url or "memory://"
         self._durability = durability
         self._timeline = Timeline(history, history_seconds)
+        self._timeline.deleted = self._forget
         #: the timeline's lock: every commit, claim and ref creation of this store
         self._lock = self._timeline.lock
         self._refs: MutableMapping[str, Ref[Any]] = {}
@@ -124,6 +131,11 @@ class Store:
         self._evictions = 0
         self._misses = 0
         self._atoms: dict[str, Atom[Any]] = {}
+        #: refs that expire, by when they may: (deadline, ordinal, ref); and the prefix policies
+        self._expiring: list[tuple[float, int, Ref[Any]]] = []
+        self._policies: list[tuple[str, float]] = []
+        self._sweeping = False
+        self._sweeper: Waiter | None = None
         self._agents: dict[str, AgentFamily[Any]] = {}
         self._closed = False
         #: aclose() has run (it runs once)
@@ -211,7 +223,11 @@ class Store:
                 if r is None or r._cur[0] == COLD or r._cur[0] >= t:
                     continue  # a ref this peer does not hold: its next read fetches it
                 self._touch((r,))
-            if change[0] == "v":
+            if change[0] == "x":
+                if r is None or r._cur[0] == COLD:
+                    continue  # nothing here to delete
+                new = DELETED
+            elif change[0] == "v":
                 new = change[1]
                 if r is None:  # first committed elsewhere: what it held before, when the log says
                     r = self._new_ref(name, change[2] if len(change) > 2 else new)
@@ -228,6 +244,12 @@ class Store:
                 new = apply_calls(r._cur[1], calls)
             writes.append((r, new))
         return tl.apply(t, when, writes)
+
+    def _forget(self, r: Ref[Any]) -> None:
+        """A commit deleted ``r`` (under the lock): its name is free again."""
+        if self._refs.get(r.name) is r:
+            del self._refs[r.name]
+        self._cache.pop(r, None)
 
     def _new_ref(self, name: str, value: Any) -> Ref[Any]:
         """Make and register a ref (under the lock); its creation is not a commit."""
@@ -295,14 +317,27 @@ class Store:
 
     # -- identities ----------------------------------------------------------
 
-    def ref(self, name: str, initial: T, validator: Callable[[T], bool] | None = None) -> Ref[T]:
+    def ref(
+        self,
+        name: str,
+        initial: T,
+        validator: Callable[[T], bool] | None = None,
+        *,
+        expire_after: float | None = None,
+    ) -> Ref[T]:
         """Get the ref called ``name``, creating it with ``initial`` if it is new.
 
         The same name always gives the same ref. A ``validator`` given for an
         existing ref replaces its validator (validators are code, not state) and
-        must accept the current value.
+        must accept the current value. ``expire_after`` (seconds): a commit
+        deletes the ref once nobody has written it for that long (idempotency
+        records, sessions); like a validator it is code, given again after a
+        restart (``store.expire(prefix, after=...)`` covers refs nobody names
+        again).
         """
         _check_name(name, "a ref")
+        if expire_after is not None and not expire_after > 0:
+            raise ValueError(f"expire_after must be a positive number of seconds, got {expire_after!r}")
         with self._lock:
             r = self._refs.get(name)
             if r is None:
@@ -315,12 +350,95 @@ class Store:
                 r._validator = validator
                 if self._lazy:
                     r._cur = (COLD, Cold(initial))  # read from the database when first used
-                return r
+                if expire_after is None and self._policies:
+                    expire_after = next((after for p, after in self._policies if name.startswith(p)), None)
         if validator is not None and validator is not r._validator:
             if r._cur[0] != COLD:
                 validate_value(name, validator, r._cur[1])
             r._validator = validator
+        if expire_after is not None and r._expire != expire_after:
+            self._arm(r, expire_after)
         return r
+
+    # -- expiry ------------------------------------------------------------------------
+
+    def _arm(self, r: Ref[Any], after: float) -> None:
+        """Delete ``r`` when it has not been written for ``after`` seconds (counted from now at the latest)."""
+        with self._lock:
+            first = r._expire is None
+            r._expire = after
+            r._written = time.time()
+            if first:
+                r.add_watch(_EXPIRY, _written_now)
+            heapq.heappush(self._expiring, (r._written + after, r._ord, r))
+            sleeper = self._sweeper
+        if sleeper is not None:
+            sleeper.fire()
+        self._start_sweeping()
+
+    def _start_sweeping(self) -> None:
+        with self._lock:
+            if self._sweeping or not self._expiring or self._closed:
+                return
+            try:
+                sniffio.current_async_library()
+            except sniffio.AsyncLibraryNotFoundError:
+                return  # no event loop yet: open() starts it
+            self._sweeping = True
+        spawn(self._sweep)
+
+    async def expire(self, prefix: str, *, after: float) -> int:
+        """Expire every ref whose name starts with ``prefix`` after ``after`` seconds without a write.
+
+        Covers the refs already stored (after a restart, the ones nobody names
+        again) and those created later; returns how many it found now.
+        """
+        if not isinstance(prefix, str) or not prefix:
+            raise TypeError(f"expire(prefix, ...): prefix must be a non-empty str, got {prefix!r}")
+        if not after > 0:
+            raise ValueError(f"after must be a positive number of seconds, got {after!r}")
+        with self._lock:
+            self._policies.append((prefix, after))
+        names = [n for n in list(self._refs) if n.startswith(prefix)]
+        if self._peer is not None:
+            names = sorted(set(names) | set(await self._peer.names(prefix)))
+        for name in names:
+            self.ref(name, None, expire_after=after)
+        return len(names)
+
+    async def _sweep(self) -> None:
+        """Delete the refs whose expiry came, each in a transaction that a concurrent write makes retry."""
+        try:
+            while True:
+                w = Waiter()
+                with self._lock:
+                    if self._closed or not self._expiring:
+                        return
+                    wait = self._expiring[0][0] - time.time()
+                    self._sweeper = w
+                if wait > 0:
+                    with anyio.move_on_after(wait):
+                        await w.wait()
+                    continue
+                now = time.time()
+                due: list[Ref[Any]] = []
+                with self._lock:
+                    self._sweeper = None
+                    while self._expiring and self._expiring[0][0] <= now:
+                        r = heapq.heappop(self._expiring)[2]
+                        if self._refs.get(r.name) is not r or r._expire is None:
+                            continue  # deleted, or no longer expiring
+                        if now - r._written >= r._expire:
+                            due.append(r)
+                        else:
+                            heapq.heappush(self._expiring, (r._written + r._expire, r._ord, r))
+                if due:
+                    with contextlib.suppress(StoreClosed):
+                        await self.atomically(_delete_expired, due)
+        finally:
+            with self._lock:
+                self._sweeping = False
+                self._sweeper = None
 
     def atom(self, name: str, initial: T, validator: Callable[[T], bool] | None = None) -> Atom[T]:
         """Get the atom called ``name``, creating it with ``initial`` if it is new."""
@@ -527,6 +645,7 @@ class Store:
         if self._peer is not None:
             await self._peer.open()
         self.outbox.kick()
+        self._start_sweeping()
         return self
 
     async def aclose(self, timeout: float | None = None) -> None:
@@ -548,6 +667,10 @@ class Store:
             if self._peer is None:
                 await self.outbox.drain()
         await self.outbox.close()
+        with self._lock:
+            sleeper = self._sweeper
+        if sleeper is not None:
+            sleeper.fire()
         self._timeline.wake_all()
         if self._peer is not None:
             await self._peer.close()
@@ -577,3 +700,20 @@ def _check_name(name: object, kind: str) -> None:
         name.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError(f"{kind} name must be valid Unicode text (it holds a lone surrogate): {name!r}") from None
+
+
+#: the key of the watch that tells an expiring ref it was written
+_EXPIRY = object()
+
+
+def _written_now(key: object, r: Ref[Any], old: Any, new: Any) -> None:
+    r._written = time.time()
+
+
+def _delete_expired(refs: list[Ref[Any]]) -> None:
+    """The sweeper's transaction: delete each ref still unwritten for its expiry (a write meanwhile retries it)."""
+    now = time.time()
+    for r in refs:
+        r.get()  # checked: a commit to it before ours makes this transaction run again
+        if r._expire is not None and now - r._written >= r._expire:
+            r.delete()

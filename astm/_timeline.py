@@ -25,11 +25,12 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from heapq import heappop, heappush
 from typing import TYPE_CHECKING, Any
 
 from ._backend import Waiter
+from ._markers import COLD, DELETED, Tombstone
 
 if TYPE_CHECKING:
     from ._ref import Ref
@@ -54,6 +55,7 @@ class Timeline:
         "_time_floor",
         "_trim_len",
         "_versioned",
+        "deleted",
         "history",
         "history_seconds",
         "lock",
@@ -84,6 +86,8 @@ class Timeline:
         self._last_sweep = (0, time.time())
         #: woken by every commit: sync(t), reports(), closing
         self.tick: list[Waiter] = []
+        #: told of every ref a commit deletes (the store forgets its name)
+        self.deleted: Callable[[Ref[Any]], None] = lambda r: None
 
     # -- new versions ------------------------------------------------------------
 
@@ -102,7 +106,11 @@ class Timeline:
             old = r._cur
             if r._keep:
                 self._keep_version(r, old)
-            r._cur = (t, v)
+            if v is DELETED:
+                r._cur = (COLD, Tombstone(t))  # every later read takes the slow path and finds it gone
+                self.deleted(r)
+            else:
+                r._cur = (t, v)
             changes.append((r, old[1], v))
             if r._watches:
                 watched = True

@@ -36,7 +36,6 @@ import functools
 import inspect
 import logging
 import random
-import sys
 import time
 import types
 from collections import deque
@@ -54,6 +53,7 @@ from ._errors import (
     CommuteConflictError,
     IOInTransactionError,
     NotInTransactionError,
+    RefDeleted,
     RetryLimitExceeded,
     StoreClosed,
     StoreMismatchError,
@@ -61,11 +61,9 @@ from ._errors import (
     _Blocked,
     _Conflict,
 )
+from ._markers import COLD, DELETED, Tombstone
 from ._ops import STRUCTURAL, check_args
 from ._values import _IMMUTABLE_FAST, check_value
-
-#: the version of a ref a PostgreSQL peer has not loaded (see astm._ref.COLD)
-COLD = sys.maxsize
 
 if TYPE_CHECKING:
     from ._outbox import Outbox
@@ -322,6 +320,24 @@ class Transaction:
         if ops is not None and ref in ops:
             ops[ref] = None
         return value
+
+    def delete(self, ref: Ref[Any]) -> None:
+        vals = self.vals
+        if vals is _SEALED:
+            vals[ref] = DELETED  # raises
+        if ref._store is not self.store:
+            self._bind(ref)
+        if self.commutes is not None and ref in self.commutes:
+            raise CommuteConflictError(ref.name)
+        reads = self.reads
+        if ref not in reads:
+            if ref._cur[0] > self.rp:
+                self._stale_checked(ref)
+            reads.add(ref)
+        vals[ref] = DELETED
+        ops = self.ops
+        if ops is not None and ref in ops:
+            ops[ref] = None
 
     def alter(self, ref: Ref[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         vals = self.vals
@@ -759,6 +775,10 @@ async def _after_conflict(tx: Transaction, c: _Conflict, retry_limit: int | None
     assert store is not None
     if c.fault:
         cold = [r for r in c.refs if r._cur[0] == COLD]
+        for r in cold:
+            mark = r._cur[1]
+            if type(mark) is Tombstone:
+                raise RefDeleted(r.name, mark.t)
         if cold:  # a cache miss, not a conflict: fetch what the body wanted and run it again
             store._misses += len(cold)
             await store._load(cold)

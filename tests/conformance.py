@@ -291,6 +291,43 @@ class StoreConformance:
             await store.atomically(lambda: r.set(2))
         assert r.get() == 1 and store.closed
 
+    @on_each_backend
+    async def test_delete_removes_a_ref_at_its_t(self) -> None:
+        """A deleted ref is gone from its commit on (db values, lookup, reads), still there before; reusable."""
+        async with self.make_store() as store:
+            r: astm.Ref[Any] = store.ref("cart", (1,))
+            await store.load(r)
+            await store.atomically(lambda: r.set((1, 2)))
+            before = store.db()
+            rep = await store.transact(r.delete)
+            assert [(c.old, c.new) for c in rep.changes] == [((1, 2), astm.DELETED)]
+            assert store.lookup("cart") is None and r not in store.db() and r in before
+            assert before[r] == (1, 2) and store.as_of(rep.t - 1)[r] == (1, 2)
+            with pytest.raises(astm.RefDeleted):
+                r.get()
+            with pytest.raises(astm.RefDeleted):
+                await store.atomically(r.get)
+            again: astm.Ref[Any] = store.ref("cart", ())
+            await store.load(again)
+            assert again is not r and again.get() == ()
+            await store.atomically(lambda: again.set((3,)))
+            assert again.get() == (3,)
+
+    @on_each_backend
+    async def test_refs_expire_when_not_written(self) -> None:
+        """A ref not written for expire_after seconds is deleted by a commit; one written meanwhile stays."""
+        async with self.make_store() as store:
+            idle: astm.Ref[Any] = store.ref("idem:idle", None, expire_after=0.3)
+            busy: astm.Ref[Any] = store.ref("idem:busy", None, expire_after=0.3)
+            await store.atomically(lambda: (idle.set(1), busy.set(1)))
+            for i in range(8):
+                await anyio.sleep(0.1)
+                await store.atomically(lambda i=i: busy.set(i))
+            with anyio.fail_after(5):
+                while store.lookup("idem:idle") is not None:
+                    await anyio.sleep(0.05)
+            assert store.lookup("idem:busy") is busy and busy.get() == 7
+
 
 class DurableStoreConformance(StoreConformance):
     """What every durable store adds: state survives a restart."""
@@ -370,3 +407,25 @@ class DurableStoreConformance(StoreConformance):
                 await again.outbox.drain()
             assert sorted(got) == [("dead", (1, 1)), ("later", (1, 0))]
             assert await again.outbox.pending_count() == 0
+
+    @on_each_backend
+    async def test_deletion_and_expiry_survive_a_restart(self) -> None:
+        """A deleted ref stays deleted after a restart; store.expire(prefix) expires refs nobody names again."""
+        store = self.make_store()
+        async with store:
+            gone: astm.Ref[Any] = store.ref("gone", "x")
+            keep: astm.Ref[Any] = store.ref("idem:old", "response", expire_after=3600)
+            await store.atomically(lambda: (gone.set("y"), keep.set("response")))
+            await store.atomically(gone.delete)
+        async with self.reopen(store) as again:
+            fresh: astm.Ref[Any] = again.ref("gone", "initial")
+            await again.load(fresh)
+            assert fresh.get() == "initial"  # the deletion survived: a new ref
+            assert await again.expire("idem:", after=0.2) == 1
+            with anyio.fail_after(5):
+                while True:
+                    probe: astm.Ref[Any] = again.ref("idem:old", "expired")
+                    await again.load(probe)
+                    if probe.get() == "expired":
+                        break
+                    await anyio.sleep(0.05)

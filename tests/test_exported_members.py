@@ -16,13 +16,13 @@ def test_all_exports_exist_and_say_astm() -> None:
 def test_public_surface_is_pinned() -> None:
     """The names users rely on (DESIGN.md) are all exported."""
     expected = {
-        "Agent", "AgentFailed", "AgentFamily", "AgentWaitError", "AstmError", "Atom", "AtomInTransactionError",
-        "Change", "CodecError", "CommitOutcomeUnknown", "CommuteConflictError", "Db", "DeadLetter", "Effect",
-        "HistoryUnavailable", "IOInTransactionError", "MutableValueError", "NotInTransactionError",
-        "Outbox", "Ref", "RefNotLoaded", "RetryLimitExceeded", "Stats", "StorageError", "Store", "StoreClosed",
-        "StoreMismatchError", "SyncTimeout", "TransactionEndedError", "TxReport", "ValidationError",
-        "after_commit", "assoc", "check", "conj", "disj", "dissoc", "in_transaction", "io", "or_else",
-        "retry", "run", "transactional",
+        "Agent", "AgentFailed", "AgentFamily", "AgentWaitError", "AstmError", "Atom",
+        "AtomInTransactionError", "Change", "CodecError", "CommitOutcomeUnknown", "CommuteConflictError",
+        "DELETED", "Db", "DeadLetter", "Effect", "HistoryUnavailable", "IOInTransactionError",
+        "MutableValueError", "NotInTransactionError", "Outbox", "Ref", "RefDeleted", "RefNotLoaded",
+        "RetryLimitExceeded", "Stats", "StorageError", "Store", "StoreClosed", "StoreMismatchError",
+        "SyncTimeout", "TransactionEndedError", "TxReport", "ValidationError", "after_commit", "assoc",
+        "check", "conj", "disj", "dissoc", "in_transaction", "io", "or_else", "retry", "run", "transactional",
     }  # fmt: skip
     assert set(astm.__all__) == expected
     assert astm.__all__ == sorted(astm.__all__)

@@ -65,7 +65,7 @@ _Own = tuple[float, list[tuple[str, tuple[Any, ...]]], list[tuple[str, str, str,
 
 log = logging.getLogger("astm")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 CHANNEL = "astm_commits"
 POLL_SECONDS = 1.0
 OUTBOX_POLL_SECONDS = 0.2
@@ -140,6 +140,10 @@ _APPLY_FUNCTION = """CREATE OR REPLACE FUNCTION astm_apply(p_batch jsonb, INOUT 
                 CONTINUE;
             END IF;
             cur := cur + 1;
+            DELETE FROM astm_refs r USING jsonb_to_recordset(tx->'writes') AS x(name text, kind text)
+             WHERE x.kind = 'x' AND r.name = x.name;
+            DELETE FROM astm_ref_deltas d USING jsonb_to_recordset(tx->'writes') AS x(name text, kind text)
+             WHERE x.kind = 'x' AND d.name = x.name;
             INSERT INTO astm_refs (name, t, value, base_t)
                  SELECT x.name, cur, x.value, cur
                    FROM jsonb_to_recordset(tx->'writes') AS x(name text, kind text, value text) WHERE x.kind = 'v'
@@ -261,7 +265,7 @@ _SCHEMA = [
     _PENDING_FUNCTION,
     *_INDEXES,
 ]
-#: schema versions 1 and 2 -> 5: the fence, deltas (log rows become [name, "v", value])
+#: schema versions 1 and 2 -> 6: the fence, deltas (log rows become [name, "v", value])
 _MIGRATE = [
     _FENCE,
     _DELTAS,
@@ -277,7 +281,8 @@ _MIGRATE = [
     _PENDING_FUNCTION,
     *_INDEXES,
 ]
-#: schema versions 3 and 4 -> 5: validation by index lookups, the outbox indexes, commits shared between peers
+#: schema versions 3 to 5 -> 6: validation by index lookups, the outbox indexes, commits shared between peers,
+#: deletions
 _MIGRATE_3 = [*_QUEUES, _APPLY_FUNCTION, _COMMIT_FUNCTION, _PENDING_FUNCTION, *_INDEXES]
 
 _COMMIT = "SELECT astm_commit_batch($1::jsonb)"
@@ -434,6 +439,13 @@ class PostgresStorage:
             self.deltas[r["name"]] = counts.get(r["name"], 0)
         return {r["name"]: (r["t"], values[r["name"]]) for r in rows}
 
+    async def names(self, prefix: str) -> list[str]:
+        """The names of the stored refs that start with ``prefix``."""
+        pool = self.require_pool()
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        async with pool.acquire() as conn:
+            return [r["name"] for r in await conn.fetch("SELECT name FROM astm_refs WHERE name LIKE $1", pattern)]
+
     async def load(self, refs: list[Ref[Any]]) -> None:
         """Read refs this peer does not hold, in one query, at one snapshot; they join the cache.
 
@@ -467,7 +479,7 @@ class PostgresStorage:
                 exists = await conn.fetchval("SELECT to_regclass('astm_meta') IS NOT NULL")
                 if exists:
                     version = await conn.fetchval("SELECT value FROM astm_meta WHERE key = 'schema_version'")
-                    if version is not None and int(version) in (1, 2, 3, 4):
+                    if version is not None and int(version) in (1, 2, 3, 4, 5):
                         for statement in _MIGRATE if int(version) < 3 else _MIGRATE_3:
                             await conn.execute(statement)
                         await conn.execute(
@@ -793,6 +805,8 @@ class PostgresCommitter:
                     writes.append({"name": name, "kind": "v", "value": text})
                 elif kind == "n":
                     writes.append({"name": name, "kind": "v", "value": codec.text(json.loads(text)[0])})
+                elif kind == "x":
+                    writes.append({"name": name, "kind": "x"})
                 else:
                     base, calls = json.loads(text)
                     writes.append({"name": name, "kind": "d", "base": base, "calls": codec.text(calls)})

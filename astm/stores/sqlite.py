@@ -48,6 +48,7 @@ from .. import codec
 from .._backend import Waiter, fire_all
 from .._commit import decode_row, row_text
 from .._errors import AstmError, CommitOutcomeUnknown, StorageError
+from .._markers import DELETED
 from .._ops import apply_calls
 from ..abc import CommitRecord, Key, OutboxEntry, Recovered
 from .memory import MemoryOutbox
@@ -160,6 +161,10 @@ def load(conn: sqlite3.Connection, path: str = "") -> tuple[Recovered, dict[str,
                 items = [[name, "v", new] for name, _old, new in items]
             row: list[tuple[str, tuple[Any, ...]]] = []
             for name, change in decode_row(items):
+                if change[0] == "x":
+                    current.pop(name, None)
+                    row.append((name, change))
+                    continue
                 if change[0] == "v":
                     value = change[1]
                 else:
@@ -316,9 +321,11 @@ class SqliteStorage:
         if rec.log:
             # replayed on open: the refs table does not hold these values yet
             changed = {name for _, _, changes in rec.log for name, _ in changes}
-            self._epochs.append(
-                (self.durable_t, {name: (*current[name][:1], None, current[name][1]) for name in changed})
-            )
+            epoch: dict[str, tuple[int, str | None, Any]] = {}
+            for name in changed:
+                t, value = current.get(name, (self.durable_t, DELETED))
+                epoch[name] = (t, None, value)
+            self._epochs.append((self.durable_t, epoch))
             self._epoch_start = self.durable_t
         return rec
 
@@ -514,8 +521,12 @@ class SqliteStorage:
         if not top:
             return
         rows = []
+        gone = []
         for name, (t, text, value) in merged.items():
-            rows.append((name, t, text if text is not None else codec.dumps(value, f"ref {name!r}")))
+            if value is DELETED:
+                gone.append((name,))
+            else:
+                rows.append((name, t, text if text is not None else codec.dumps(value, f"ref {name!r}")))
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(
@@ -523,6 +534,7 @@ class SqliteStorage:
                 "ON CONFLICT (name) DO UPDATE SET t = excluded.t, value = excluded.value",
                 rows,
             )
+            conn.executemany("DELETE FROM refs WHERE name = ?", gone)
             conn.execute("UPDATE astm_meta SET value = ? WHERE key = 'checkpoint_t'", (str(top),))
             conn.execute("DELETE FROM log WHERE t <= ?", (top,))
             conn.execute("COMMIT")

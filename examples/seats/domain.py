@@ -25,7 +25,6 @@ lazily, a ref it has not loaded yet is fetched rather than refused.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import string
@@ -60,7 +59,6 @@ IN_TRANSACTION = _InTransaction()
 
 #: how long an Idempotency-Key's answer is kept after its request (a client retries within minutes)
 IDEMPOTENCY_TTL = 24 * 3600.0
-_REF_EXPIRES = "expire_after" in inspect.signature(astm.Store.ref).parameters
 
 DEMO_SHOWS = {
     "hamlet": ("Hamlet", 6, 10),
@@ -113,9 +111,9 @@ class Seats:
 
     def __init__(self, store: astm.Store, mail_log: Path) -> None:
         self.store = store
-        # TODO(astm): store.lookup on a PostgreSQL peer sees only the refs that peer holds (it loads them
-        # lazily), so there a None is not "no such ref"; until it can ask the database, a read falls back
-        # to store.ref, which a peer holds weakly (and caches within Store(cache_refs=...)).
+        # store.lookup on a PostgreSQL peer sees only the refs that peer holds (it loads them lazily), so
+        # there a None is not "no such ref": a read falls back to store.ref, whose handle the peer holds
+        # weakly (and caches within Store(cache_refs=...)), so a flood of unknown names costs no memory
         self._lookup_is_local = store.url.startswith(("postgresql:", "postgres:"))
         self.shows: astm.Ref[PMap[str, Show]] = store.ref("shows", pmap())
         self.sales: astm.Ref[PVector[PMap[str, Any]]] = store.ref("sales", pvector())
@@ -161,16 +159,12 @@ class Seats:
 
     def idempotency_record(self, key: str) -> astm.Ref[PMap[str, Any] | None]:
         """The ref keeping the answer to the request made with ``key``; it expires after IDEMPOTENCY_TTL."""
-        name = f"idem:{key}"
-        if _REF_EXPIRES:
-            make: Callable[..., astm.Ref[PMap[str, Any] | None]] = self.store.ref
-            return make(name, None, expire_after=IDEMPOTENCY_TTL)
-        # TODO(astm: store.ref(name, initial, expire_after=seconds)): until the store has it, records never expire
-        return self.store.ref(name, None)
+        return self.store.ref(f"idem:{key}", None, expire_after=IDEMPOTENCY_TTL)
 
     async def setup(self, shows: dict[str, tuple[str, int, int]] | None = None) -> None:
-        """Create the demo shows if the store has none."""
+        """Create the demo shows if the store has none; records of earlier runs expire as they would have."""
         wanted = shows or DEMO_SHOWS
+        await self.store.expire("idem:", after=IDEMPOTENCY_TTL)
 
         def create() -> None:
             if not self.shows.get():
@@ -294,6 +288,8 @@ class Seats:
             if key is None:
                 return fn(*args)  # type: ignore[no-any-return]
             existing: astm.Ref[PMap[str, Any] | None] | None = self.store.lookup(f"idem:{key}")
+            if existing is None and self._lookup_is_local:
+                existing = self.store.ref(f"idem:{key}", None)  # a peer: the record may be in the database
             done = None if existing is None else existing.get()
             if done is not None:
                 return replay(done)
