@@ -6,11 +6,12 @@ import astm
 
 
 def test_all_exports_exist_and_say_astm() -> None:
-    """Every exported name exists and reports module 'astm' (tracebacks say astm.Ref)."""
+    """Every exported class and function exists and reports module 'astm' (tracebacks say astm.Ref)."""
     for name in astm.__all__:
         obj = getattr(astm, name)
-        if hasattr(obj, "__module__") and not name.startswith("__"):
+        if isinstance(obj, type) or callable(obj):
             assert obj.__module__ == "astm", name
+    assert repr(astm.DELETED) == "astm.DELETED"
 
 
 def test_public_surface_is_pinned() -> None:
