@@ -23,6 +23,7 @@ import anyio
 import anyio.to_thread
 import sniffio
 
+from . import _telemetry
 from ._agent import Agent, AgentFamily, ErrorMode
 from ._atom import Atom
 from ._backend import Waiter, spawn
@@ -155,6 +156,7 @@ class Store:
             self._committer: Committer = LocalCommitter(self._timeline, log, self)
         #: the outbox: effects and their dispatcher
         self.outbox = Outbox(self, outbox, outbox_concurrency)
+        _telemetry.watch_store(self)
 
     def _open_storage(self, url: str) -> tuple[LogStorage, OutboxStorage]:
         if url in ("memory:", "memory://"):

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, Protocol, TypeVar, c
 
 import anyio
 
+from . import _telemetry
 from ._backend import Waiter, spawn
 from ._commit import CommitRequest, Committer, validate_value
 from ._db import Db, TxReport
@@ -660,6 +661,7 @@ async def run_transaction(
     tx = Transaction(store)
     token = _current.set(tx)
     counted = False  # the attempts are in the store's counters
+    started = time.time_ns() if _telemetry.ON and _telemetry.active() else 0
     try:
         while True:
             tx.attempts += 1
@@ -670,7 +672,10 @@ async def run_transaction(
                 if not tx.vals and not tx.outbox:
                     tx.seal()
                     counted = True
-                    return await _finish_read_only(tx, r, report)
+                    r = await _finish_read_only(tx, r, report)
+                    if started and tx.store is not None:
+                        _telemetry.record(tx.store, started, tx.attempts, tx.conflicts, None, 0.0, None)  # type: ignore[arg-type]
+                    return r
                 st = tx.store
                 assert st is not None
                 req = tx.request(report)
@@ -694,12 +699,22 @@ async def run_transaction(
             tx.release_claims()
         # the dbs of a report own their pins from here on: a cancelled wait below releases them
         rep = _report(tx, r, t, changes) if report else None
+        waited = 0.0
         if tx.outbox is not None or st._log.durable_t < t:
-            await _after_durable(st, t, tx.outbox)
+            if started:
+                t0 = time.perf_counter()
+                await _after_durable(st, t, tx.outbox)
+                waited = time.perf_counter() - t0
+            else:
+                await _after_durable(st, t, tx.outbox)
         if watched or tx.effects is not None:
             await _after_commit(tx, changes)
+        if started:
+            _telemetry.record(st, started, tx.attempts, tx.conflicts, t, waited, None)  # type: ignore[arg-type]
         return r if rep is None else rep
     except BaseException as exc:
+        if started and tx.store is not None and not isinstance(exc, (_Conflict, _Blocked)):
+            _telemetry.record(tx.store, started, tx.attempts, tx.conflicts, None, 0.0, exc)  # type: ignore[arg-type]
         tx.seal()
         if tx.claimant is not None:
             tx.release_claims()
@@ -806,6 +821,13 @@ async def _after_conflict(tx: Transaction, c: _Conflict, retry_limit: int | None
         to_claim.update(c.refs)
     else:
         to_claim = {r for r in c.refs if r._heat >= HOT_REF_CONFLICTS or r._claim is not None}
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "transaction retry %d after a conflict on %s%s",
+            failures,
+            ", ".join(repr(r.name) for r in c.refs),
+            f"; claiming {len(to_claim)} ref(s)" if to_claim else "",
+        )
     if to_claim:
         # unknown for a first attempt: then the minimum deadline applies
         took = _monotonic() - tx.started if tx.started else 0.0
