@@ -14,10 +14,10 @@ import heapq
 import itertools
 import time
 import weakref
-from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, MutableMapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable, MutableMapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import anyio
 import anyio.to_thread
@@ -47,6 +47,7 @@ __all__ = ["Stats", "Store"]
 
 T = TypeVar("T")
 R = TypeVar("R")
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True, slots=True)
@@ -514,24 +515,53 @@ class Store:
 
     # -- transactions ----------------------------------------------------------
 
+    # typed with the body's own parameters; retry_limit= (an int) overrides the store's for one call
+    @overload
     def atomically(
-        self, fn: Callable[..., Any], /, *args: Any, retry_limit: int | None = None, **kwargs: Any
-    ) -> Coroutine[Any, Any, Any]:
+        self, fn: Callable[..., Awaitable[R]], /, *args: Any, retry_limit: int, **kwargs: Any
+    ) -> Coroutine[Any, Any, R]: ...
+    @overload
+    def atomically(
+        self, fn: Callable[..., R], /, *args: Any, retry_limit: int, **kwargs: Any
+    ) -> Coroutine[Any, Any, R]: ...
+    @overload
+    def atomically(
+        self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, R]: ...
+    @overload
+    def atomically(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]: ...
+    def atomically(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
         """Run ``fn(*args, **kwargs)`` as a transaction on this store; await it for the result.
 
         ``fn`` may be ``async def`` or plain ``def``. Inside another transaction
-        it joins that one. ``retry_limit`` overrides the store's for this call.
+        it joins that one. ``retry_limit=`` overrides the store's for this call.
         """
+        retry_limit = kwargs.pop("retry_limit", None)
         return run_transaction(self, fn, args, kwargs, retry_limit)
 
+    @overload
     def transact(
-        self, fn: Callable[..., Any], /, *args: Any, retry_limit: int | None = None, **kwargs: Any
-    ) -> Coroutine[Any, Any, TxReport[Any]]:
-        """Like ``atomically`` but the result is the commit's :class:`TxReport`.
+        self, fn: Callable[..., Awaitable[R]], /, *args: Any, retry_limit: int, **kwargs: Any
+    ) -> Coroutine[Any, Any, TxReport[R]]: ...
+    @overload
+    def transact(
+        self, fn: Callable[..., R], /, *args: Any, retry_limit: int, **kwargs: Any
+    ) -> Coroutine[Any, Any, TxReport[R]]: ...
+    @overload
+    def transact(
+        self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, TxReport[R]]: ...
+    @overload
+    def transact(
+        self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, TxReport[R]]: ...
+    def transact(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, TxReport[Any]]:
+        """Like ``atomically`` but the result is the commit's :class:`TxReport` (its ``result`` is the body's).
 
         A read-only body commits nothing; its report has ``db_before ==
         db_after`` at the read point and no changes.
         """
+        retry_limit = kwargs.pop("retry_limit", None)
         return run_transaction(self, fn, args, kwargs, retry_limit, report=True)
 
     # -- the timeline ------------------------------------------------------------

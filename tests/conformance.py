@@ -134,7 +134,7 @@ class StoreConformance:
         async with self.make_store() as store:
             r: astm.Ref[PVector[int]] = store.ref("r", pvector())
             for i in range(5):
-                await store.atomically(lambda i=i: r.alter(astm.conj, i))
+                await store.atomically(lambda i: r.alter(astm.conj, i), i)
             assert store.t == 5
             at3: PVector[int] = store.as_of(3)[r]
             assert list(at3) == [0, 1, 2]
@@ -153,7 +153,7 @@ class StoreConformance:
         async with self.make_store(history=3) as store:
             r = store.ref("r", 0)
             for i in range(1, 30):
-                await store.atomically(lambda i=i: r.set(i))
+                await store.atomically(lambda i: r.set(i), i)
             with pytest.raises(astm.HistoryUnavailable):
                 store.as_of(1)
             with pytest.raises(astm.HistoryUnavailable):
@@ -228,7 +228,7 @@ class StoreConformance:
                 got.append(n)
 
             for n in range(12):
-                await store.atomically(lambda n=n: ordered.enqueue(n, order_key="lane"))
+                await store.atomically(lambda n: ordered.enqueue(n, order_key="lane"), n)
             await store.outbox.drain()
             assert got == list(range(12))
 
@@ -322,7 +322,7 @@ class StoreConformance:
             await store.atomically(lambda: (idle.set(1), busy.set(1)))
             for i in range(8):
                 await anyio.sleep(0.1)
-                await store.atomically(lambda i=i: busy.set(i))
+                await store.atomically(lambda i: busy.set(i), i)
             with anyio.fail_after(5):
                 while store.lookup("idem:idle") is not None:
                     await anyio.sleep(0.05)

@@ -143,7 +143,7 @@ class TestOrdering:
 
         for n in range(10):
             for who in ("ann", "bob"):
-                await store.atomically(lambda who=who, n=n: ship.enqueue((who, n), order_key=who))
+                await store.atomically(lambda who, n: ship.enqueue((who, n), order_key=who), who, n)
         await store.outbox.drain()
         assert not overlap
         for who in ("ann", "bob"):

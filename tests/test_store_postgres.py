@@ -224,7 +224,7 @@ class TestDeltas:
             ledger: astm.Ref[Any] = a.ref("ledger", ())
             await a.atomically(lambda: ledger.set(tuple(range(1000))))
             for i in range(MAX_DELTAS + 10):
-                await a.atomically(lambda i=i: ledger.commute(astm.conj, i))
+                await a.atomically(lambda i: ledger.commute(astm.conj, i), i)
             db = await b.sync(a.t, timeout=10)
             theirs = b.ref("ledger", ())
             await b.load(theirs)
@@ -298,7 +298,7 @@ class TestLazyRefs:
 
             async def append() -> None:
                 for i in range(1, 150):
-                    await a.atomically(lambda i=i: log_a.commute(astm.conj, i))
+                    await a.atomically(lambda i: log_a.commute(astm.conj, i), i)
                 nonlocal done
                 done = True
 
@@ -353,7 +353,7 @@ class TestFollowing:
             assert peer is not None and peer._listener is not None
             await peer._listener.remove_listener(CHANNEL, peer._notified)  # deaf, and still open
             for i in range(1, 4):
-                rep = await a.transact(lambda i=i: ra.set(i))
+                rep = await a.transact(lambda i: ra.set(i), i)
                 assert (await b.sync(rep.t, timeout=5))[rb] == i  # sync fetches by itself
             with anyio.fail_after(10):
                 while peer.silent_losses == 0:
@@ -399,7 +399,7 @@ class TestFollowing:
             assert b._peer is not None and a._peer is not None
             async with b._peer._catching_up:  # b stops following for a while
                 for i in range(1, 40):
-                    await a.atomically(lambda i=i: ra.set(i))
+                    await a.atomically(lambda i: ra.set(i), i)
                 await a._peer._trim()
                 conn = await asyncpg.connect(pg_dsn)
                 try:

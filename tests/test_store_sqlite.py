@@ -51,7 +51,7 @@ class TestRestart:
                 raise ConnectionError("not now")
 
             for i in range(1, 4):
-                await store.atomically(lambda i=i: n.set(i))
+                await store.atomically(lambda i: n.set(i), i)
 
             def pay() -> None:
                 r.alter(lambda m: m.set("cash", Money(9)))
@@ -120,7 +120,7 @@ class TestRestart:
         async with astm.Store(url, durability="async") as store:
             r = store.ref("r", 0)
             for i in range(50):
-                await store.atomically(lambda i=i: r.set(i))
+                await store.atomically(lambda i: r.set(i), i)
         async with astm.Store(url) as again:
             assert again.ref("r", -1).get() == 49 and again.t == 50
 
@@ -130,7 +130,7 @@ class TestRestart:
         async with astm.Store(f"sqlite:///{path}", history=50, durability="async") as store:
             r = store.ref("r", 0)
             for i in range(2500):
-                await store.atomically(lambda i=i: r.set(i))
+                await store.atomically(lambda i: r.set(i), i)
         rows = sqlite3.connect(path).execute("SELECT COUNT(*) FROM log").fetchone()[0]
         assert rows < 1200
 
@@ -170,7 +170,7 @@ class TestFiles:
                 async with astm.Store(f"sqlite:///{path}") as s:
                     r = s.ref("r", "x" * 5000)
                     for i in range(40):
-                        await s.atomically(lambda i=i: r.set(str(i) * 3000))
+                        await s.atomically(lambda i: r.set(str(i) * 3000), i)
 
             anyio.run(make)
             conn = sqlite3.connect(path)
@@ -312,7 +312,7 @@ class TestWaitersOfEndedLoops:
 
         async def more() -> None:
             for i in range(2, 5):
-                await store.atomically(lambda i=i: r.set(i))
+                await store.atomically(lambda i: r.set(i), i)
             await store.aclose()
 
         anyio.run(more)
@@ -350,7 +350,7 @@ class TestCancelledReports:
             r = store.ref("r", 0)
             for i in range(6):
                 with anyio.move_on_after(0.02):
-                    await store.transact(lambda i=i: r.set(i))
+                    await store.transact(lambda i: r.set(i), i)
             await anyio.sleep(0.3)  # the writer catches up; nothing of the cancelled calls is running
             gc.collect()
             with store._lock:
@@ -500,7 +500,7 @@ class TestDeltas:
             async with astm.Store(f"sqlite:///{path}") as s:
                 r: astm.Ref[Any] = s.ref("r", ())
                 for i in range(3):
-                    await s.atomically(lambda i=i: r.alter(astm.conj, i))
+                    await s.atomically(lambda i: r.alter(astm.conj, i), i)
 
         anyio.run(make)
         conn = sqlite3.connect(path)

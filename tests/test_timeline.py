@@ -14,7 +14,7 @@ import astm
 
 
 async def bump(store: astm.Store, ref: astm.Ref[int], n: int = 1) -> int:
-    return await store.atomically(lambda: ref.alter(lambda v: v + n))  # type: ignore[no-any-return]
+    return await store.atomically(lambda: ref.alter(lambda v: v + n))
 
 
 class TestBasisT:
@@ -43,7 +43,7 @@ class TestDbValues:
         a, b = store.ref("a", 0), store.ref("b", 0)
         db = store.db()
         for i in range(1, 50):
-            await store.atomically(lambda i=i: (a.set(i), b.set(-i)))
+            await store.atomically(lambda i: (a.set(i), b.set(-i)), i)
         assert db.t == 0 and db[a] == 0 and db[b] == 0
         now = store.db()
         assert now.t == 49 and now[a] == 49 and now.get(b) == -49
@@ -91,9 +91,9 @@ class TestAsOf:
         store = astm.Store(history=100)
         r, s = store.ref("r", 0), store.ref("s", 0)
         for i in range(1, 21):
-            await store.atomically(lambda i=i: r.set(i * 10))
+            await store.atomically(lambda i: r.set(i * 10), i)
             if i % 2:
-                await store.atomically(lambda i=i: s.set(i))
+                await store.atomically(lambda i: s.set(i), i)
         past = store.as_of(4)
         seen = [(store.as_of(t)[r], store.as_of(t)[s]) for t in range(store.t + 1)]
         assert past.t == 4

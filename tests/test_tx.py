@@ -318,7 +318,7 @@ class TestContention:
             rng = random.Random(seed)
             while not done:
                 r = rng.choice(refs)
-                await store.atomically(lambda r=r: r.alter(lambda v: v + 1))
+                await store.atomically(lambda r: r.alter(lambda v: v + 1), r)
                 await anyio.sleep(0)
 
         async with anyio.create_task_group() as tg:
