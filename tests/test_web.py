@@ -73,7 +73,7 @@ def counter_app(store: astm.Store, *, sync_timeout: float = 0.5, ping: float = 1
 
     @app.get("/mutable")
     async def mutable(store: StoreDep) -> None:
-        await store.atomically(lambda: n.set([1]))  # type: ignore[arg-type]
+        await store.atomically(lambda: n.set([1]))  # type: ignore[arg-type, call-overload]
 
     @app.get("/outside")
     async def outside() -> None:
