@@ -22,6 +22,7 @@ themselves; every other type is a one-key object whose key is its tag::
     NamedTuple         {"nt": "<module>:<qualname>", "v": [...]}
     Enum member        {"en": "<module>:<qualname>", "v": "<member name>"}
     PRecord, PClass    {"pr": "<module>:<qualname>", "f": {...}} / {"pc": ...}
+    frozen pydantic model, frozen msgspec Struct   {"py": ...} / {"ms": ...}, like a dataclass
     registered type    {"x": "<name>", "v": <encoded value>}
 
 A zone is an IANA key (``zoneinfo.ZoneInfo``) or ``[offset seconds, name]``
@@ -195,7 +196,38 @@ def encode(value: Any, where: str = "value") -> Any:
     if isinstance(value, PClass):
         fields: dict[str, Any] = value._to_dict()  # type: ignore[attr-defined]
         return {"pc": _class_name(t), "f": {k: encode(v, where) for k, v in fields.items()}}
+    model = _model_fields(value, where)
+    if model is not None:
+        tag, names = model
+        return {tag: _class_name(t), "f": {k: encode(getattr(value, k), where) for k in names}}
     raise CodecError(where, value)
+
+
+def _model_fields(value: Any, where: str) -> tuple[str, list[str]] | None:
+    """A frozen pydantic model's or msgspec Struct's tag and field names (only where those libraries are in use)."""
+    pydantic = sys.modules.get("pydantic")
+    if pydantic is not None and isinstance(value, pydantic.BaseModel):
+        cls: Any = type(value)
+        if not cls.model_config.get("frozen"):
+            raise CodecError(
+                where,
+                value,
+                message=f"{where}: {cls.__qualname__} is a pydantic model that is not frozen, so it could change "
+                "under a transaction that read it; set model_config = ConfigDict(frozen=True). Nothing was committed",
+            )
+        return "py", list(cls.model_fields)
+    msgspec = sys.modules.get("msgspec")
+    if msgspec is not None and isinstance(value, msgspec.Struct):
+        cls = type(value)
+        if not cls.__struct_config__.frozen:
+            raise CodecError(
+                where,
+                value,
+                message=f"{where}: {cls.__qualname__} is a msgspec Struct that is not frozen, so it could change "
+                "under a transaction that read it; declare it with frozen=True. Nothing was committed",
+            )
+        return "ms", list(cls.__struct_fields__)
+    return None
 
 
 def check(value: Any, where: str = "value") -> None:
@@ -292,6 +324,12 @@ def decode(data: Any) -> Any:
             return cls(**{k: decode(x) for k, x in data["f"].items()})
         if "pc" in data:
             cls = _lookup(data["pc"], "PClass", lambda c: issubclass(c, PClass))
+            return cls(**{k: decode(x) for k, x in data["f"].items()})
+        if "py" in data:
+            cls = _lookup(data["py"], "frozen pydantic model", lambda c: hasattr(c, "model_fields"))
+            return cls(**{k: decode(x) for k, x in data["f"].items()})
+        if "ms" in data:
+            cls = _lookup(data["ms"], "frozen msgspec Struct", lambda c: hasattr(c, "__struct_fields__"))
             return cls(**{k: decode(x) for k, x in data["f"].items()})
     raise CodecError.unknown(f"tagged value {str(data)[:60]!r}", "the file may be from a newer astm")
 

@@ -149,6 +149,37 @@ class TestRoundTrip:
         assert codec.loads(codec.dumps((big, pvector([big])))) == (big, pvector([big]))
 
 
+class TestModels:
+    def test_frozen_pydantic_models_and_msgspec_structs_round_trip(self) -> None:
+        """Frozen pydantic models and msgspec Structs are values like frozen dataclasses; unfrozen ones are refused."""
+        pydantic = pytest.importorskip("pydantic")
+        msgspec = pytest.importorskip("msgspec")
+
+        class Seat(pydantic.BaseModel):  # type: ignore[misc, name-defined]
+            model_config = pydantic.ConfigDict(frozen=True)
+            row: str
+            held_by: tuple[str, ...] = ()
+
+        class Loose(pydantic.BaseModel):  # type: ignore[misc, name-defined]
+            row: str
+
+        class Point(msgspec.Struct, frozen=True):  # type: ignore[misc, name-defined, call-arg]
+            x: int
+            y: Decimal
+
+        class Open(msgspec.Struct):  # type: ignore[misc, name-defined]
+            x: int
+
+        for value in (Seat(row="A", held_by=("ann",)), Point(1, Decimal("2.5")), pvector([Point(3, Decimal(0))])):
+            back = codec.loads(codec.dumps(value))
+            assert back == value and type(back) is type(value)
+        for bad in (Loose(row="A"), Open(1)):
+            with pytest.raises(astm.CodecError, match="not frozen"):
+                astm.Store().ref("r", bad)
+        with pytest.raises(astm.MutableValueError):
+            astm.Store().ref("r", Seat.model_construct(row="A", held_by=["mutable"]))
+
+
 class TestRefusals:
     def test_refusals_name_the_type(self) -> None:
         """A type the codec cannot write is refused with its name."""
