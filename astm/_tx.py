@@ -530,6 +530,12 @@ class Transaction:
                         q.popleft()  # the holder is stuck: go ahead without the claim
                         if q and q[0][1] is not None:
                             q[0][1].fire()
+                        log.warning(
+                            "a transaction held the claim on ref %r past its deadline while %d waited; "
+                            "going ahead without it (does its body await something slow?)",
+                            ref.name,
+                            len(q) + 1,
+                        )
                         return
                 if head:
                     with anyio.move_on_after(wait):
