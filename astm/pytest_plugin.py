@@ -88,11 +88,16 @@ def astm_postgres_cluster() -> Iterator[str]:
             pytest.fail("PostgreSQL's programs are missing (initdb, pg_ctl, postgres)", pytrace=False)
         pytest.skip("PostgreSQL's initdb/pg_ctl are not installed here")
     cluster = testing.Cluster()
-    os.environ["ASTM_TEST_PG_DATA"] = str(cluster.data)
+    before = os.environ.get("ASTM_TEST_PG_DATA")
+    os.environ["ASTM_TEST_PG_DATA"] = str(cluster.data)  # tests that stop and start the server find it
     try:
         yield cluster.dsn
     finally:
         cluster.destroy()
+        if before is None:
+            os.environ.pop("ASTM_TEST_PG_DATA", None)
+        else:
+            os.environ["ASTM_TEST_PG_DATA"] = before
 
 
 @pytest.fixture

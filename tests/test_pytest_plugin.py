@@ -44,7 +44,7 @@ def test_a_store_fixture_per_kind_of_store(pytester: pytest.Pytester) -> None:
     """astm_store runs a test on memory, on a SQLite file and on PostgreSQL (when a server can be had)."""
     pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     pytester.makepyfile(INNER)
-    result = pytester.runpytest("-p", "no:cacheprovider", "-k", "kinds", "-v")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "kinds", "-v")
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(["*test_kinds?memory?*PASSED*", "*test_kinds?sqlite?*PASSED*", "*postgresql*PASSED*"])
 
@@ -53,9 +53,9 @@ def test_bodies_twice_exposes_side_effects(pytester: pytest.Pytester) -> None:
     """With --astm-bodies-twice a body's side effect shows twice and the test fails; its state changes once."""
     pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     pytester.makepyfile(INNER)
-    result = pytester.runpytest("-p", "no:cacheprovider", "-k", "books_once and memory")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "books_once and memory")
     result.assert_outcomes(passed=1)
-    result = pytester.runpytest("-p", "no:cacheprovider", "-k", "books_once and memory", "--astm-bodies-twice")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "books_once and memory", "--astm-bodies-twice")
     result.assert_outcomes(failed=1)
     result.stdout.re_match_lines([r".*AssertionError: assert \['mail', 'mail'\] == \['mail'\]"])
 
