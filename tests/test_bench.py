@@ -200,3 +200,15 @@ async def test_budget_stops_long_cases_after_three_rounds() -> None:
 
     (row,) = await run_case(Case("c", slow, slow, "x", budget=0.0), Config(rounds=5, progress=False))
     assert len(row.ratios) == 3
+
+
+async def test_gc_pause_is_reported_when_asked() -> None:
+    """A case with ``gc_pause`` gets the full collection before each round as a side figure of that side."""
+
+    async def one() -> Result:
+        return 1.0
+
+    (row,) = await run_case(Case("c", one, one, "x", gc_pause=True), Config(rounds=2, progress=False))
+    assert len(row.figures["full gc ms"]) == 2
+    assert len(row.figures["baseline full gc ms"]) == 2
+    assert "full gc ms" in row.extra

@@ -1,0 +1,7 @@
+"""``python -m astm.bench``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
