@@ -28,7 +28,7 @@ from . import codec
 from ._errors import StoreClosed, ValidationError, _Conflict
 from ._markers import DELETED
 from ._ops import STRUCTURAL, Call, decode_calls, encode_calls
-from ._values import check_value
+from ._values import check_changed_value
 from .abc import CommitRecord, LogStorage
 
 if TYPE_CHECKING:
@@ -109,13 +109,13 @@ class CommitRequest:
             for r, fns in self.commutes.items():
                 if r in reads:
                     continue  # checked and unchanged: the in-transaction value stands
-                v = r._cur[1]
+                base = v = r._cur[1]
                 whole = False
                 for f, a in fns:
                     v = f(v, *a)
                     whole = whole or f not in STRUCTURAL  # a helper's additions were checked by commute()
                 if whole:
-                    check_value(v, r.name)
+                    check_changed_value(v, base, r.name)
                 vals[r] = v
                 commuted.append(r)
         for r, v in vals.items():

@@ -148,15 +148,16 @@ class Ref(Generic[T]):
             if cur[0] > tx.rp:
                 return tx.alter(self, fn, args)  # type: ignore[no-any-return]
             tx.reads.add(self)
-            nv = fn(cur[1], *args)
+            base = cur[1]
+            nv = fn(base, *args)
             if type(nv) not in _IMMUTABLE_FAST or tx.ops is not None:
-                tx.note(self, fn, args, nv, True)
+                tx.note(self, fn, args, nv, base, True)
         else:
             if tx.commutes is not None:
                 return tx.alter(self, fn, args)  # type: ignore[no-any-return]
             nv = fn(v, *args)
             if type(nv) not in _IMMUTABLE_FAST or tx.ops is not None:
-                tx.note(self, fn, args, nv, False)
+                tx.note(self, fn, args, nv, v, False)
         vals[self] = nv
         return nv
 

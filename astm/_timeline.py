@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._backend import Waiter
 from ._markers import COLD, DELETED, Tombstone
+from ._values import LARGE_TYPES, UNTRACK_AT, untrack_large
 
 if TYPE_CHECKING:
     from ._ref import Ref
@@ -111,6 +112,8 @@ class Timeline:
                 self.deleted(r)
             else:
                 r._cur = (t, v)
+                if type(v) in LARGE_TYPES and len(v) >= UNTRACK_AT:
+                    untrack_large(v)
             changes.append((r, old[1], v))
             if r._watches:
                 watched = True

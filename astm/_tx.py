@@ -64,7 +64,7 @@ from ._errors import (
 )
 from ._markers import COLD, DELETED, Tombstone
 from ._ops import STRUCTURAL, check_args
-from ._values import _IMMUTABLE_FAST, check_value
+from ._values import _IMMUTABLE_FAST, LARGE_TYPES, UNTRACK_AT, check_changed_value, check_value, untrack_large
 
 if TYPE_CHECKING:
     from ._outbox import Outbox
@@ -357,7 +357,7 @@ class Transaction:
         elif self.commutes is not None and ref in self.commutes:
             raise CommuteConflictError(ref.name)
         nv = fn(v, *args)
-        self.note(ref, fn, args, nv, fresh)
+        self.note(ref, fn, args, nv, v, fresh)
         vals[ref] = nv
         return nv
 
@@ -369,7 +369,7 @@ class Transaction:
             # already altered/set here: the ref is checked, so its in-transaction
             # value is exactly what the commit will build on
             nv = fn(v, *args)
-            self.note(ref, fn, args, nv, False)
+            self.note(ref, fn, args, nv, v, False)
             vals[ref] = nv
             return nv
         if v is _NO:
@@ -377,7 +377,7 @@ class Transaction:
             assert self.peeks is not None
             self.peeks.discard(ref)
         nv = fn(v, *args)
-        checked(fn, args, nv, ref.name)  # a commuted ref's delta is its commute list (re-applied at commit)
+        checked(fn, args, nv, v, ref.name)  # a commuted ref's delta is its commute list (re-applied at commit)
         vals[ref] = nv
         if commutes is None:
             commutes = self.commutes = {}
@@ -391,13 +391,17 @@ class Transaction:
     def ensure(self, ref: Ref[Any]) -> Any:
         return self.get(ref)
 
-    def note(self, ref: Ref[Any], fn: Callable[..., Any], args: tuple[Any, ...], nv: Any, fresh: bool) -> None:
+    def note(
+        self, ref: Ref[Any], fn: Callable[..., Any], args: tuple[Any, ...], nv: Any, base: Any, fresh: bool
+    ) -> None:
         """Check ``fn``'s result and remember whether the ref's change is still a delta of helper calls.
 
-        ``fresh``: ``fn`` was applied to the ref's committed value (not to an
-        earlier in-transaction value).
+        ``base``: the (checked) value ``fn`` was applied to; ``fresh``: that was
+        the ref's committed value (not an earlier in-transaction one).
         """
         ops = self.ops
+        if type(nv) in LARGE_TYPES and len(nv) >= UNTRACK_AT:
+            untrack_large(nv)  # before the collector next runs: it would walk every element
         if fn in STRUCTURAL:
             check_args(fn, args, ref.name)
             if ops is None:
@@ -409,7 +413,7 @@ class Transaction:
                 calls.append((fn, args))
         else:
             if type(nv) not in _IMMUTABLE_FAST:
-                check_value(nv, ref.name)
+                check_changed_value(nv, base, ref.name)
             if ops is not None and ref in ops:
                 ops[ref] = None
 
@@ -597,12 +601,14 @@ class Transaction:
         await store._timeline.sleep_until_changed(watched, self.rp)
 
 
-def checked(fn: Callable[..., Any], args: tuple[Any, ...], nv: Any, name: str) -> None:
-    """Check the result of ``fn`` on a checked value: whole, or only what a structural helper added."""
+def checked(fn: Callable[..., Any], args: tuple[Any, ...], nv: Any, base: Any, name: str) -> None:
+    """Check the result of ``fn`` on the checked value ``base``: what a helper added, or what differs."""
+    if type(nv) in LARGE_TYPES and len(nv) >= UNTRACK_AT:
+        untrack_large(nv)
     if fn in STRUCTURAL:
         check_args(fn, args, name)
     else:
-        check_value(nv, name)
+        check_changed_value(nv, base, name)
 
 
 def _ord(ref: Ref[Any]) -> int:

@@ -46,13 +46,15 @@ import uuid
 import zoneinfo
 from collections.abc import Callable
 from decimal import Decimal
+from itertools import compress, count, islice
+from operator import is_not
 from typing import Any
 
 from pyrsistent import PClass, PRecord, pmap, pset, pvector
 
 from ._errors import CodecError, MutableValueError
 
-__all__ = ["check", "decode", "dumps", "encode", "loads", "register", "text"]
+__all__ = ["check", "check_changed", "decode", "dumps", "encode", "loads", "register", "text"]
 
 _registered_by_type: dict[type, tuple[str, Callable[[Any], Any]]] = {}
 _registered_by_name: dict[str, Callable[[Any], Any]] = {}
@@ -230,13 +232,81 @@ def _model_fields(value: Any, where: str) -> tuple[str, list[str]] | None:
     return None
 
 
+_SCALARS = frozenset({type(None), bool, str, float, bytes, Decimal, uuid.UUID, _dt.date})
+
+
 def check(value: Any, where: str = "value") -> None:
     """Raise unless ``value`` is immutable and every store can keep it (the same test everywhere).
 
     ``MutableValueError`` for a mutable built-in anywhere inside it,
-    ``CodecError`` for a type the codec cannot round-trip.
+    ``CodecError`` for a type the codec cannot round-trip. It accepts exactly
+    what :func:`encode` does, without building the encoded form (the common
+    containers and scalars are walked here; every other type is encoded).
     """
+    t = type(value)
+    if t in _SCALARS:
+        return
+    if t is int:
+        return
+    scalars = _SCALARS
+    if t is tuple or t is _PVECTOR or t is frozenset or t is _PSET:
+        for v in value:
+            tv = type(v)
+            if tv not in scalars and tv is not int:
+                check(v, where)
+        return
+    if t is _PMAP:
+        for bucket in value._buckets:
+            if bucket:
+                for k, v in bucket:
+                    tk = type(k)
+                    if tk not in scalars and tk is not int:
+                        check(k, where)
+                    tv = type(v)
+                    if tv not in scalars and tv is not int:
+                        check(v, where)
+        return
     encode(value, where)
+
+
+def check_changed(value: Any, base: Any, where: str = "value") -> None:
+    """``check(value)``, where ``base`` is a checked value ``value`` was derived from (an ``alter``'s input).
+
+    A persistent collection changed by an arbitrary function shares most of
+    its parts with ``base``; those are compared by identity (at C speed) and
+    only the parts that differ are checked. Still linear in the size, but
+    without visiting every element in Python; astm's collection helpers avoid
+    even that.
+    """
+    t = type(value)
+    if t is not type(base):
+        check(value, where)
+    elif t is _PMAP:
+        new, old = value._buckets, base._buckets
+        if len(new) != len(old):
+            check(value, where)  # resized: nothing lines up
+            return
+        scalars = _SCALARS
+        for i in compress(count(), map(is_not, new, old)):
+            bucket = new[i]
+            if bucket:
+                for k, v in bucket:
+                    tk = type(k)
+                    if tk not in scalars and tk is not int:
+                        check(k, where)
+                    tv = type(v)
+                    if tv not in scalars and tv is not int:
+                        check(v, where)
+    elif t is _PVECTOR or t is tuple:
+        n = min(len(value), len(base))
+        for i in compress(count(), map(is_not, value, base)):
+            check(value[i], where)
+        for v in islice(value, n, None):
+            check(v, where)
+    elif t is _PSET:
+        check_changed(value._map, base._map, where)
+    else:
+        check(value, where)
 
 
 def _lookup(name: str, kind: str, ok: Callable[[Any], bool]) -> Any:
