@@ -68,6 +68,8 @@ class MemoryOutbox:
         self._delayed: list[tuple[float, Key, OutboxEntry]] = []
         self._dead: dict[Key, OutboxEntry] = {}
         self._pending = 0
+        #: pending entries by effect (what drain() asks about, without walking them)
+        self._by_effect: dict[str, int] = {}
 
     # -- the interface -------------------------------------------------------------
 
@@ -79,6 +81,7 @@ class MemoryOutbox:
     def _admit(self, entry: OutboxEntry) -> None:
         """A new pending entry (under the lock): ready now, or behind its order key."""
         self._pending += 1
+        self._by_effect[entry.effect] = self._by_effect.get(entry.effect, 0) + 1
         ok = entry.order_key
         if ok is not None:
             waiting = self._ordered.get(ok)
@@ -127,6 +130,11 @@ class MemoryOutbox:
         """The entry leaves the pending set: delivered (``error`` None) or dead; its order key moves on."""
         with self._lock:
             self._pending -= 1
+            left = self._by_effect[entry.effect] - 1
+            if left:
+                self._by_effect[entry.effect] = left
+            else:
+                del self._by_effect[entry.effect]
             if error is not None:
                 entry.error = error
                 self._dead[entry.key] = entry
@@ -165,16 +173,8 @@ class MemoryOutbox:
     async def pending(self, effects: Collection[str] | None = None) -> int:
         if effects is None:
             return self._pending
-        with self._lock:
-            return self._pending - sum(1 for e in self._unclaimable() if e.effect not in effects)
-
-    def _unclaimable(self) -> list[OutboxEntry]:
-        """Every pending entry not in flight (under the lock)."""
-        out = list(self._ready)
-        out.extend(e for _, _, e in self._delayed)
-        for waiting in self._ordered.values():
-            out.extend(waiting)
-        return out
+        by_effect = self._by_effect
+        return sum(by_effect.get(e, 0) for e in effects)
 
     def pending_now(self) -> int:
         return self._pending
