@@ -13,8 +13,9 @@ agent until ``restart``, ``"continue"`` goes on with the queue. The mode
 defaults to ``"continue"`` when a handler is given, else ``"fail"``.
 
 A family (``store.agents(name, initial)``) is a mapping from keys to agents that
-holds, per idle identity, only its state: the queue and its task exist only
-while that identity has work.
+holds, per idle identity, only its state, and per busy identity one entry
+holding its actions: a bounded pool of worker tasks, shared by the family's
+identities, runs them.
 """
 
 from __future__ import annotations
@@ -50,22 +51,29 @@ _Action = tuple[Callable[..., Any], tuple[Any, ...], bool]
 _held: ContextVar[list[tuple[AgentFamily[Any], Hashable, _Action]] | None] = ContextVar("astm.agent_held", default=None)
 
 
-class _Work:
-    """The queue of one busy (or failed) identity; dropped when it goes idle."""
+#: at most this many actions of one family run at once (each in a worker task; identities take turns)
+MAX_WORKERS = 512
 
-    __slots__ = ("done", "error", "queue", "running", "sent", "waiters")
 
-    def __init__(self) -> None:
-        self.queue: deque[_Action] = deque()
-        self.running = False
-        self.error: BaseException | None = None
-        self.sent = 0
-        self.done = 0
-        self.waiters: list[tuple[int, Waiter]] = []
+class _Waiting:
+    """A ``wait()`` on one identity: how many of its actions are still to finish before it returns."""
+
+    __slots__ = ("left", "waiter")
+
+    def __init__(self, left: int, waiter: Waiter) -> None:
+        self.left = left
+        self.waiter = waiter
 
 
 class AgentFamily(Generic[S]):
-    """A mapping of keys to agents, created on first use: ``family[user_id].send(...)``."""
+    """A mapping of keys to agents, created on first use: ``family[user_id].send(...)``.
+
+    An identity costs its state when idle, and about one dict entry and its
+    action while it has work: pending identities wait in one ready queue, and
+    a pool of at most ``MAX_WORKERS`` worker tasks (there only while there is
+    work) runs their actions, one at a time per identity, identities taking
+    turns.
+    """
 
     def __init__(
         self,
@@ -89,7 +97,16 @@ class AgentFamily(Generic[S]):
         #: called as ``error_handler(agent, exception)`` (sync or async) when an action fails
         self.error_handler = error_handler
         self._states: dict[Hashable, S] = {}
-        self._work: dict[Hashable, _Work] = {}
+        #: the actions of identities with work: one action, or a deque of them when several wait
+        self._queues: dict[Hashable, _Action | deque[_Action]] = {}
+        #: identities with actions and none running, in turn
+        self._ready: deque[Hashable] = deque()
+        #: identities whose action is running now
+        self._running: set[Hashable] = set()
+        #: identities stopped by a failure (fail mode, or a BaseException)
+        self._errors: dict[Hashable, BaseException] = {}
+        self._waiting: dict[Hashable, list[_Waiting]] = {}
+        self._workers = 0
         self._lock = threading.Lock()
         #: "agent" (store.agent) or "family" (store.agents)
         self.kind = "family"
@@ -98,7 +115,7 @@ class AgentFamily(Generic[S]):
         return Agent(self, key)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._states or key in self._work
+        return key in self._states or key in self._queues or key in self._errors
 
     def __iter__(self) -> Iterator[Hashable]:
         return iter(list(self._states))
@@ -109,16 +126,16 @@ class AgentFamily(Generic[S]):
     @property
     def busy(self) -> int:
         """How many identities have queued or running actions (or a failure) right now."""
-        return len(self._work)
+        return len(self._queues.keys() | self._running | self._errors.keys())
 
     # -- sending ---------------------------------------------------------------
 
     def _send(self, key: Hashable, fn: Callable[..., Any], args: tuple[Any, ...], off: bool) -> None:
         if not callable(fn):
             raise TypeError(f"agent {self._label(key)}: send(action, ...) needs a callable, got {fn!r}")
-        work = self._work.get(key)
-        if work is not None and work.error is not None and self.error_mode == "fail":
-            raise AgentFailed(self._label(key), work.error)
+        error = self._errors.get(key)
+        if error is not None and self.error_mode == "fail":
+            raise AgentFailed(self._label(key), error)
         action: _Action = (fn, args, off)
         tx = _current.get()
         if tx is not None:
@@ -139,68 +156,112 @@ class AgentFamily(Generic[S]):
 
     def _dispatch(self, key: Hashable, action: _Action) -> None:
         with self._lock:
-            work = self._work.get(key)
-            if work is None:
-                work = self._work[key] = _Work()
-            work.queue.append(action)
-            work.sent += 1
-            start = not work.running and work.error is None
-            if start:
-                work.running = True
-        if start:
-            spawn(self._drain, key, work)
+            queued = self._queues.get(key)
+            if queued is None:
+                self._queues[key] = action
+                if key not in self._running and key not in self._errors:
+                    self._ready.append(key)
+            elif type(queued) is deque:
+                queued.append(action)
+            else:
+                self._queues[key] = deque((queued, action))  # type: ignore[arg-type]
+            hire = self._workers < MAX_WORKERS and self._workers < len(self._ready)
+            if hire:
+                self._workers += 1
+        if hire:
+            spawn(self._work)
 
-    async def _drain(self, key: Hashable, work: _Work) -> None:
-        """Run the identity's actions one by one until its queue is empty."""
-        while True:
-            with self._lock:
-                if not work.queue or work.error is not None:
-                    work.running = False
-                    wake = self._wake_locked(work)
-                    if work.error is None and not work.queue and not work.waiters:
-                        self._work.pop(key, None)
-                    break
-                fn, args, off = work.queue.popleft()
-            state = self._states.get(key, self.initial)
-            held: list[tuple[AgentFamily[Any], Hashable, _Action]] = []
-            token = _held.set(held)
-            try:
-                try:
-                    if off:
-                        new = await anyio.to_thread.run_sync(fn, state, *args)
-                    else:
-                        new = fn(state, *args)
-                        if inspect.isawaitable(new):
-                            new = await new
-                except Exception as exc:
-                    await self._failed(key, work, exc)
-                else:
-                    self._states[key] = new
-                    for family, k, action in held:
-                        family._dispatch(k, action)
-            except BaseException as exc:
-                # KeyboardInterrupt, SystemExit, cancellation, or the action's own
-                # BaseException: the agent fails (whatever its mode) rather than
-                # stay busy forever, and the exception goes on
+    def _next_locked(self, key: Hashable) -> _Action | None:
+        """Take the identity's next action off its queue (under the lock)."""
+        queued = self._queues.get(key)
+        if queued is None:
+            return None
+        if type(queued) is deque:
+            action = queued.popleft()
+            if len(queued) == 1:
+                self._queues[key] = queued[0]
+            elif not queued:
+                del self._queues[key]
+            return action
+        del self._queues[key]
+        return queued  # type: ignore[return-value]
+
+    async def _work(self) -> None:
+        """A worker: run ready identities' next actions until none is ready."""
+        try:
+            while True:
                 with self._lock:
-                    work.error = exc
-                    work.running = False
-                    work.done += 1
-                    wake = self._wake_locked(work)
-                for w in wake:
-                    w.fire()
-                raise
-            finally:
-                _held.reset(token)
+                    if not self._ready:
+                        self._workers -= 1
+                        return
+                    key = self._ready.popleft()
+                    action = self._next_locked(key)
+                    if action is None:
+                        continue
+                    self._running.add(key)
+                await self._run(key, action)
+        except BaseException:
             with self._lock:
-                work.done += 1
-                wake = self._wake_locked(work)
-            for w in wake:
-                w.fire()
+                self._workers -= 1
+            raise
+
+    async def _run(self, key: Hashable, action: _Action) -> None:
+        """Run one action of ``key`` and hand the identity its next turn (or its idleness)."""
+        fn, args, off = action
+        state = self._states.get(key, self.initial)
+        held: list[tuple[AgentFamily[Any], Hashable, _Action]] = []
+        token = _held.set(held)
+        try:
+            try:
+                if off:
+                    new = await anyio.to_thread.run_sync(fn, state, *args)
+                else:
+                    new = fn(state, *args)
+                    if inspect.isawaitable(new):
+                        new = await new
+            except Exception as exc:
+                await self._failed(key, exc)
+            else:
+                self._states[key] = new
+                for family, k, sent in held:
+                    family._dispatch(k, sent)
+        except BaseException as exc:
+            # KeyboardInterrupt, SystemExit, cancellation, or the action's own
+            # BaseException: the agent fails (whatever its mode) rather than
+            # stay busy forever, and the exception goes on
+            with self._lock:
+                self._errors[key] = exc
+            self._finished(key)
+            raise
+        finally:
+            _held.reset(token)
+        self._finished(key)
+
+    def _finished(self, key: Hashable) -> None:
+        """One action of ``key`` ended: wake its waiters that were waiting for it, give it its next turn."""
+        wake: list[Waiter] = []
+        with self._lock:
+            self._running.discard(key)
+            stuck = key in self._errors
+            waiting = self._waiting.get(key)
+            if waiting:
+                keep = []
+                for entry in waiting:
+                    entry.left -= 1
+                    if stuck or entry.left <= 0:
+                        wake.append(entry.waiter)
+                    else:
+                        keep.append(entry)
+                if keep:
+                    self._waiting[key] = keep
+                else:
+                    del self._waiting[key]
+            if not stuck and key in self._queues:
+                self._ready.append(key)
         for w in wake:
             w.fire()
 
-    async def _failed(self, key: Hashable, work: _Work, exc: Exception) -> None:
+    async def _failed(self, key: Hashable, exc: Exception) -> None:
         """The action failed: its held sends are dropped; call the handler; apply the error mode.
 
         As in Clojure, the handler runs before the failure is recorded, and its
@@ -222,15 +283,13 @@ class AgentFamily(Generic[S]):
             log.error("action of agent %s failed", self._label(key), exc_info=exc)
         if self.error_mode == "fail":
             with self._lock:
-                work.error = exc
+                self._errors[key] = exc
 
-    def _wake_locked(self, work: _Work) -> list[Waiter]:
-        if not work.waiters:
-            return []
-        stuck = work.error is not None
-        ready = [w for target, w in work.waiters if stuck or work.done >= target]
-        work.waiters = [(t, w) for t, w in work.waiters if not (stuck or work.done >= t)]
-        return ready
+    def _pending_locked(self, key: Hashable) -> int:
+        """How many actions of ``key`` are queued or running (under the lock)."""
+        queued = self._queues.get(key)
+        n = 0 if queued is None else len(queued) if type(queued) is deque else 1
+        return n + (key in self._running)
 
     # -- waiting, failure ----------------------------------------------------------
 
@@ -240,45 +299,46 @@ class AgentFamily(Generic[S]):
         if _held.get() is not None:
             raise AgentWaitError(self._label(key), "action")
         with self._lock:
-            work = self._work.get(key)
-            if work is None:
-                return
-            if work.error is not None:
-                raise AgentFailed(self._label(key), work.error)
-            target = work.sent
-            if work.done >= target:
+            error = self._errors.get(key)
+            if error is not None:
+                raise AgentFailed(self._label(key), error)
+            left = self._pending_locked(key)
+            if not left:
                 return
             w = Waiter()
-            work.waiters.append((target, w))
+            self._waiting.setdefault(key, []).append(_Waiting(left, w))
         with anyio.fail_after(timeout):
             await w.wait()
-        if work.error is not None:
-            raise AgentFailed(self._label(key), work.error)
+        error = self._errors.get(key)
+        if error is not None:
+            raise AgentFailed(self._label(key), error)
 
     async def _drained(self) -> None:
         """Wait until no identity of this family has queued actions (failed ones excepted)."""
-        for key, work in list(self._work.items()):
-            if work.error is None:
+        while True:
+            with self._lock:
+                keys = [k for k in self._queues.keys() | self._running if k not in self._errors]
+            if not keys:
+                return
+            for key in keys:
                 with contextlib.suppress(AgentFailed):  # a failed agent has nothing more to run
                     await self._wait(key, None)
 
     def _restart(self, key: Hashable, state: S, clear_actions: bool) -> None:
         with self._lock:
-            work = self._work.get(key)
-            if work is None or work.error is None:
+            if key not in self._errors:
                 raise RuntimeError(f"agent {self._label(key)} has not failed; restart() is for failed agents")
             self._states[key] = state
-            work.error = None
+            del self._errors[key]
             if clear_actions:
-                work.done += len(work.queue)
-                work.queue.clear()
-            start = bool(work.queue) and not work.running
-            if start:
-                work.running = True
-            elif not work.queue:
-                self._work.pop(key, None)
-        if start:
-            spawn(self._drain, key, work)
+                self._queues.pop(key, None)
+            if key in self._queues and key not in self._running:
+                self._ready.append(key)
+            hire = self._workers < MAX_WORKERS and self._workers < len(self._ready)
+            if hire:
+                self._workers += 1
+        if hire:
+            spawn(self._work)
 
     def _label(self, key: Hashable) -> str:
         return repr(self.name) if key is None else f"{self.name!r}[{key!r}]"
@@ -318,8 +378,7 @@ class Agent(Generic[S]):
     @property
     def error(self) -> BaseException | None:
         """The exception that stopped this agent (in ``"fail"`` mode, or a ``BaseException`` in either), else None."""
-        work = self._family._work.get(self.key)
-        return None if work is None else work.error
+        return self._family._errors.get(self.key)
 
     def send(self, action: Callable[..., S | Awaitable[S]], *args: Any) -> None:
         """Queue ``action(state, *args)`` (sync or async); its result becomes the state.
