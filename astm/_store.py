@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import logging
 import time
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable, MutableMapping
@@ -38,6 +39,8 @@ from ._timeline import Timeline
 from ._tx import run_transaction
 from ._values import check_value
 from .abc import LogStorage, OutboxStorage
+
+log = logging.getLogger("astm")
 
 if TYPE_CHECKING:
     from ._commit import Committer
@@ -71,6 +74,8 @@ class Stats:
     #: refs a PostgreSQL peer holds in its cache, and how many it dropped to stay in its bound
     cached: int = 0
     evicted: int = 0
+    #: cached refs a PostgreSQL peer dropped because the shared log changed a version other than the one it held
+    reread: int = 0
 
 
 class Store:
@@ -131,6 +136,7 @@ class Store:
         self._cache: dict[Ref[Any], None] = {}
         self._cache_refs = cache_refs
         self._evictions = 0
+        self._dropped = 0
         self._misses = 0
         self._atoms: dict[str, Atom[Any]] = {}
         #: refs that expire, by when they may: (deadline, ordinal, ref); and the prefix policies
@@ -236,6 +242,19 @@ class Store:
                     r = self._new_ref(name, change[2] if len(change) > 2 else new)
             else:
                 _, base, calls = change
+                if lazy and r is not None and r._cur[0] != base:
+                    # a peer's cached copy that is not the delta's base: read it anew rather than guess
+                    log.warning(
+                        "astm peer: commit t=%d changes %r by a delta on t=%d, but this peer holds t=%d; "
+                        "reading it again",
+                        t,
+                        name,
+                        base,
+                        r._cur[0],
+                    )
+                    self._drop_cached(r)
+                    self._dropped += 1
+                    continue
                 if r is None or r._cur[0] != base:
                     have = "no such ref" if r is None else f"version t={r._cur[0]}"
                     raise StorageError(
@@ -284,24 +303,26 @@ class Store:
                 del cache[r]
                 cache[r] = None
 
+    def _drop_cached(self, r: Ref[Any]) -> None:
+        """Forget a peer's copy of ``r`` (under the lock): its next read fetches the stored version."""
+        self._cache.pop(r, None)
+        t, v = r._cur
+        r._cur = (COLD, Cold(v if t == 0 else None))
+
     def _evict(self) -> None:
         """Past the cache bound, drop the values of the least recently used refs (under the lock)."""
         cache = self._cache
         if len(cache) <= self._cache_refs:
             return
         for r in list(itertools.islice(cache, len(cache) - int(self._cache_refs * 0.9))):
-            del cache[r]
-            t, v = r._cur
-            r._cur = (COLD, Cold(v if t == 0 else None))
+            self._drop_cached(r)
             self._evictions += 1
 
     def _rebase(self, t: int) -> None:
         """A peer behind what the shared log keeps starts again at ``t`` (under the lock): every ref is
         read anew when next used, and the history before ``t`` is gone."""
         for r in list(self._cache):
-            cur = r._cur
-            r._cur = (COLD, Cold(cur[1] if cur[0] == 0 else None))
-        self._cache.clear()
+            self._drop_cached(r)
         self._timeline.rebase(t)
 
     async def _load(self, refs: list[Ref[Any]]) -> None:
@@ -666,6 +687,7 @@ class Store:
                 self._misses,
                 len(self._cache),
                 self._evictions,
+                self._dropped,
             )
 
     @property

@@ -55,7 +55,9 @@ def test_bodies_twice_exposes_side_effects(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(INNER)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "books_once and memory")
     result.assert_outcomes(passed=1)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "books_once and memory", "--astm-bodies-twice")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-k", "books_once and memory", "--astm-bodies-twice"
+    )
     result.assert_outcomes(failed=1)
     result.stdout.re_match_lines([r".*AssertionError: assert \['mail', 'mail'\] == \['mail'\]"])
 

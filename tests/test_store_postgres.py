@@ -266,6 +266,42 @@ class TestDeltas:
             await store.atomically(lambda: r.alter(astm.conj, 3))
             assert r.get() == (1, 2, 3) and store.t == 3
 
+    async def test_a_peer_holding_another_version_reads_the_ref_again(self, pg_dsn: str) -> None:
+        """A log row whose delta does not fit the version a peer holds: the peer drops its copy and reads it
+        anew (counted, logged) and goes on following; it neither applies the delta nor stops."""
+        import uuid
+
+        async with astm.Store(pg_dsn) as a, astm.Store(pg_dsn) as b:
+            ra: astm.Ref[Any] = a.ref("r", ())
+            await a.atomically(lambda: ra.set((1,)))
+            rb: astm.Ref[Any] = b.ref("r", ())
+            await b.sync(1, timeout=10)
+            await b.load(rb)
+            assert rb.get() == (1,)
+            conn = await asyncpg.connect(pg_dsn)
+            try:  # a row out of line with the refs table: a delta on t=7, which never existed
+                async with conn.transaction():
+                    await conn.execute(
+                        "INSERT INTO astm_log (t, tx_id, time, changes) VALUES (2, $1, 0, $2)",
+                        uuid.uuid4(),
+                        '[["r","d",7,[["conj",[2]]]]]',
+                    )
+                    await conn.execute(
+                        "UPDATE astm_refs SET t = 2, base_t = 2, value = $1 WHERE name = 'r'", astm.codec.dumps((1, 9))
+                    )
+                    await conn.execute("UPDATE astm_meta SET value = '2' WHERE key = 't'")
+                    await conn.execute("SELECT pg_notify('astm_commits', '2')")
+            finally:
+                await conn.close()
+            await b.sync(2, timeout=10)
+            assert b.stats().reread == 1
+            with pytest.raises(astm.RefNotLoaded):
+                rb.get()
+            assert await b.atomically(rb.get) == (1, 9), "read anew from the refs table, the delta not guessed at"
+            await a.atomically(lambda: ra.alter(astm.conj, 3))  # the follower still follows
+            await b.sync(3, timeout=10)
+            assert rb.get() == (1, 9, 3)
+
 
 class TestLazyRefs:
     async def test_a_peer_opens_holding_nothing_and_reads_through(self, pg_dsn: str) -> None:

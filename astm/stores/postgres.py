@@ -573,6 +573,9 @@ class PostgresStorage:
                         self._listener.terminate()
                         self._listener = None
                     await anyio.sleep(0.2)
+                except Exception:  # a follower that stops would leave this peer's reads behind for good
+                    log.exception("astm peer could not apply the shared log; trying again in a second")
+                    await anyio.sleep(1)
         finally:
             self._stopped.set()
 
