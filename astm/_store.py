@@ -149,6 +149,8 @@ class Store:
         #: aclose() has run (it runs once)
         self._shut = False
         self._nclaims = 0
+        self._overruns = 0
+        self._overrun_warned = float("-inf")
         self._retry_limit = retry_limit
         self._commits = 0
         self._attempts = 0

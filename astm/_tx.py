@@ -111,6 +111,8 @@ CLAIM_ALL_AFTER = 3
 #: duration, and at least CLAIM_MIN_SECONDS.
 CLAIM_TIME_FACTOR = 4.0
 CLAIM_MIN_SECONDS = 0.05
+#: A claim held past its deadline is logged at most once per this many seconds per store, with a count.
+CLAIM_WARN_SECONDS = 10.0
 #: while positive, every body's first attempt is discarded (astm.pytest_plugin's bodies_twice)
 BODIES_TWICE = 0
 
@@ -125,6 +127,9 @@ class Host(Protocol):
     _durability: str
     _retry_limit: int
     _nclaims: int
+    #: claims held past their deadline since the last warning, and when that was logged
+    _overruns: int
+    _overrun_warned: float
     _commits: int
     _attempts: int
     _retries: int
@@ -534,12 +539,7 @@ class Transaction:
                         q.popleft()  # the holder is stuck: go ahead without the claim
                         if q and q[0][1] is not None:
                             q[0][1].fire()
-                        log.warning(
-                            "a transaction held the claim on ref %r past its deadline while %d waited; "
-                            "going ahead without it (does its body await something slow?)",
-                            ref.name,
-                            len(q) + 1,
-                        )
+                        _claim_overrun(store, ref, len(q) + 1)
                         return
                 if head:
                     with anyio.move_on_after(wait):
@@ -613,6 +613,27 @@ def checked(fn: Callable[..., Any], args: tuple[Any, ...], nv: Any, base: Any, n
 
 def _ord(ref: Ref[Any]) -> int:
     return ref._ord
+
+
+def _claim_overrun(store: Host, ref: Ref[Any], waiting: int) -> None:
+    """A claim's holder ran past its deadline and a waiter went ahead (under the lock): warn, rarely.
+
+    Under overload every claim can run late at once; one line per store per
+    CLAIM_WARN_SECONDS with a count says so without flooding the log.
+    """
+    store._overruns += 1
+    now = _monotonic()
+    if now - store._overrun_warned < CLAIM_WARN_SECONDS:
+        return
+    log.warning(
+        "%d transaction(s) held a claim on a contended ref past its deadline (last: ref %r, %d waiting); "
+        "the waiters went ahead without it (do bodies await something slow, or is the loop overloaded?)",
+        store._overruns,
+        ref.name,
+        waiting,
+    )
+    store._overruns = 0
+    store._overrun_warned = now
 
 
 def _handoff(store: Host, ref: Ref[Any]) -> list[Waiter | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import threading
 from decimal import Decimal
@@ -345,6 +346,30 @@ class TestContention:
         assert store._nclaims == 0
         assert hot._claim is None
         assert not hot._queue
+
+    async def test_claims_held_past_their_deadline_warn_once_with_a_count(
+        self, store: astm.Store, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A claimant whose body turns slow is passed by its waiters; the log says so once, not once each."""
+        hot = store.ref("hot", 0)
+        runs: dict[int, int] = {}
+
+        async def bump(i: int) -> None:
+            runs[i] = runs.get(i, 0) + 1
+            v = hot.get()
+            await anyio.sleep(0)
+            if runs[i] > 1:
+                await anyio.sleep(0.08)  # past a claim's budget, which fast attempts made short
+            hot.set(v + 1)
+
+        with caplog.at_level(logging.WARNING, logger="astm"):
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(store.atomically, bump, i)
+        assert hot.get() == 20, "every increment committed exactly once"
+        overruns = [r for r in caplog.records if "past its deadline" in r.getMessage()]
+        assert len(overruns) == 1, [r.getMessage() for r in overruns]
+        assert store._nclaims == 0 and hot._claim is None
 
 
 class TestCancellation:
