@@ -34,7 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--workers", type=int, default=1, help="worker processes (each a peer: needs a postgresql:// store)"
     )
+    parser.add_argument(
+        "--show",
+        action="append",
+        metavar="ID:TITLE:ROWS:COLS",
+        help="a show to create if the store has none (repeatable; rows 1-26; default: the demo shows)",
+    )
     args = parser.parse_args(argv)
+    shows = _shows(args.show, parser) if args.show else None
     if args.workers > 1 and not args.store.startswith(("postgresql://", "postgres://")):
         parser.error(
             "--workers > 1 needs a store shared between processes: --store postgresql://... "
@@ -51,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         "timeout_graceful_shutdown": 2,  # live pages hold event streams open
     }
     if args.workers > 1:
+        if shows is not None:
+            parser.error("--show is for a single worker (workers create the demo shows)")
         os.environ["ASTM_SEATS_STORE"] = args.store
         os.environ["ASTM_SEATS_MAIL_LOG"] = args.mail_log
         config = uvicorn.Config("examples.seats.app:from_env", factory=True, workers=args.workers, **common)
@@ -62,16 +71,34 @@ def main(argv: list[str] | None = None) -> None:
         return
     from .app import create_app
 
-    server = _Server(uvicorn.Config(create_app(args.store, args.mail_log), **common))
+    server = _Server(uvicorn.Config(create_app(args.store, args.mail_log, shows=shows), **common))
     server.banner = f"seat service on {url}  (store {shown})"
     server.run(sockets=[sock])
     if not server.started:
         sys.exit(3)  # the app did not start (say, the store could not open): uvicorn logged why
 
 
+def _shows(specs: list[str], parser: argparse.ArgumentParser) -> dict[str, tuple[str, int, int]]:
+    """``--show ID:TITLE:ROWS:COLS`` options as create_app's ``shows``."""
+    shows = {}
+    for spec in specs:
+        try:
+            sid, rest = spec.split(":", 1)
+            title, rows, cols = rest.rsplit(":", 2)
+            shape = int(rows), int(cols)
+        except ValueError:
+            parser.error(f"--show {spec!r}: expected ID:TITLE:ROWS:COLS, like hamlet:Hamlet:6:10")
+        if not (sid and 1 <= shape[0] <= 26 and shape[1] >= 1):
+            parser.error(f"--show {spec!r}: needs an id, 1 to 26 rows and at least one column")
+        shows[sid] = (title, *shape)
+    return shows
+
+
 def _bind(host: str, port: int, parser: argparse.ArgumentParser) -> socket.socket:
     """The listening address, bound (uvicorn listens on it; workers inherit it)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on accepted sockets whose protocol says
+    # TCP, and without it a response's headers and body (two writes) meet the client's delayed ACK: 40 ms
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
