@@ -106,12 +106,18 @@ StoreDep = Annotated[astm.Store, Depends(astm.web.get_store)]
 
 
 def create_app(
-    store_url: str = "sqlite:///seats.db", mail_log: str = "seats-mail.log", *, sync_timeout: float = 5.0
+    store_url: str = "sqlite:///seats.db",
+    mail_log: str = "seats-mail.log",
+    *,
+    sync_timeout: float = 5.0,
+    shows: dict[str, tuple[str, int, int]] | None = None,
 ) -> FastAPI:
     """The ASGI app; its store is opened and closed with the app's lifespan (one store per process).
 
     ``sync_timeout`` bounds how long a request with X-Astm-Min-T waits for
-    this process to catch up before it is answered 504.
+    this process to catch up before it is answered 504. ``shows`` (id ->
+    (title, rows, cols)) are created if the store has no shows yet (default:
+    the demo shows).
     """
 
     def make_store() -> astm.Store:
@@ -124,7 +130,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             async with astm.web.lifespan(make_store)(app):
-                await app.state.seats.setup()
+                await app.state.seats.setup(shows)
                 yield
         finally:
             seats: Seats | None = getattr(app.state, "seats", None)

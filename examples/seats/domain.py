@@ -77,6 +77,18 @@ class Show:
     def seat_ids(self) -> list[str]:
         return [f"{string.ascii_uppercase[r]}{c + 1}" for r in range(self.rows) for c in range(self.cols)]
 
+    def has_seat(self, seat: str) -> bool:
+        """Whether ``seat`` is one of ``seat_ids()`` (without making them all: a booking checks a few)."""
+        row, number = seat[:1], seat[1:]
+        return (
+            row != ""
+            and row in string.ascii_uppercase[: self.rows]
+            and number.isascii()
+            and number.isdigit()
+            and number[0] != "0"
+            and int(number) <= self.cols
+        )
+
 
 class ReservationError(Exception):
     """A request the domain refuses; ``status`` says how HTTP should answer."""
@@ -318,8 +330,7 @@ class Seats:
 
     @staticmethod
     def _check_seats(show: Show, seats: Iterable[str]) -> None:
-        valid = set(show.seat_ids())
-        unknown = sorted(s for s in seats if s not in valid)
+        unknown = sorted(s for s in seats if not show.has_seat(s))
         if unknown:
             raise Invalid(f"{show.title} has no seat {', '.join(unknown)}", seats=unknown)
 
