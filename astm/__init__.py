@@ -32,6 +32,7 @@ from ._errors import StoreMismatchError as StoreMismatchError
 from ._errors import SyncTimeout as SyncTimeout
 from ._errors import TransactionEndedError as TransactionEndedError
 from ._errors import ValidationError as ValidationError
+from ._gc import tune_gc as tune_gc
 from ._markers import DELETED as DELETED
 from ._ops import assoc as assoc
 from ._ops import conj as conj
@@ -100,6 +101,7 @@ __all__ = [
     "retry",
     "run",
     "transactional",
+    "tune_gc",
 ]
 
 for _name in __all__:

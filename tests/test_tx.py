@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import random
 import threading
@@ -545,3 +546,32 @@ class TestThreads:
             return x * 2
 
         assert astm.run(main, 21) == 42
+
+    def test_astm_run_tunes_the_collector_while_main_runs(self) -> None:
+        """Inside astm.run the young generation is collected far less often; afterwards as before."""
+        before = gc.get_threshold()
+        seen: list[tuple[int, int, int]] = []
+
+        async def main() -> None:
+            seen.append(gc.get_threshold())
+
+        try:
+            astm.run(main)
+            assert seen == [(astm._gc.DEFAULT_THRESHOLD, 20, 20)] and gc.get_threshold() == before
+            astm.run(main, tune_gc=False)
+            assert seen[1] == before
+        finally:
+            gc.unfreeze()
+
+    def test_tune_gc_for_a_server_of_your_own(self) -> None:
+        """tune_gc returns the thresholds it replaced, freezes what is alive, and refuses nonsense clearly."""
+        before = gc.get_threshold()
+        try:
+            assert astm.tune_gc(10_000) == before
+            assert gc.get_threshold() == (10_000, 20, 20) and gc.get_freeze_count() > 0
+            with pytest.raises(ValueError, match="positive number"):
+                astm.tune_gc(0)
+            assert gc.get_threshold() == (10_000, 20, 20), "a refused call changes nothing"
+        finally:
+            gc.set_threshold(*before)
+            gc.unfreeze()
