@@ -212,3 +212,30 @@ async def test_gc_pause_is_reported_when_asked() -> None:
     assert len(row.figures["full gc ms"]) == 2
     assert len(row.figures["baseline full gc ms"]) == 2
     assert "full gc ms" in row.extra
+
+
+def test_seat_service_case_runs_both_servers_over_http() -> None:
+    """The end-to-end seat case, short: both servers served the load generator, whose checks found no error."""
+    out = StringIO()
+    with redirect_stdout(out):
+        assert main(["--quick", "--rounds", "1", "--only", "seat service", "--json", "--quiet"]) == 0
+    rows = {r["case"]: r for r in json.loads(out.getvalue())}
+    (name,) = [n for n in rows if n.startswith("seat service over HTTP") and ":" not in n]
+    assert set(rows) == {
+        name,
+        f"{name}: p50 latency",
+        f"{name}: p99 latency",
+        f"{name}: req/s in the round's last second",
+    }
+    row = rows[name]
+    assert row["unit"] == "req/s"
+    assert row["astm"] > 0
+    assert row["baseline"] > 0
+    figures = row["figures"]
+    assert figures["errors"] == [0.0]
+    assert figures["baseline errors"] == [0.0]
+    for side in ("", "baseline "):
+        assert 0 < figures[f"{side}p50 ms"][0] <= figures[f"{side}p90 ms"][0] <= figures[f"{side}p99 ms"][0]
+        assert 0 < figures[f"{side}sold"][0] <= 1
+        assert figures[f"{side}last s req/s"][0] > 0
+    assert rows[f"{name}: p99 latency"]["lower_is_better"]

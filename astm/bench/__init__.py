@@ -28,6 +28,8 @@ import sys
 from contextlib import aclosing
 from dataclasses import asdict
 
+import anyio
+
 import astm
 
 from ._core import core
@@ -35,6 +37,7 @@ from ._effects import effects
 from ._engine import engine
 from ._harness import Cases, Config, Group, Row, load_average, run_groups
 from ._postgres import postgres
+from ._seats import seats
 from ._sqlite import sqlite
 from ._values import value_sizes
 
@@ -49,7 +52,7 @@ async def _memory_values(cfg: Config) -> Cases:
 
 
 #: every group of cases, in table order
-GROUPS: list[Group] = [core, engine, effects, _memory_values, sqlite, postgres]
+GROUPS: list[Group] = [core, engine, effects, _memory_values, sqlite, postgres, seats]
 
 
 def run_all(
@@ -152,8 +155,11 @@ def _worker(argv: list[str]) -> int:
     """Run one of the worker processes that the multi-process cases start."""
     from ._engine import engine_worker
     from ._postgres import pg_worker
+    from ._seats import load_worker
 
-    if argv[0] == "--pg-worker":
+    if argv[0] == "--seats-load":
+        anyio.run(load_worker)
+    elif argv[0] == "--pg-worker":
         astm.run(pg_worker, argv[1])
     else:
         astm.run(engine_worker, float(argv[1]))
@@ -163,7 +169,7 @@ def _worker(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m astm.bench``: run the cases and print the table (or JSON)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] and argv[0] in ("--pg-worker", "--engine-worker"):
+    if argv[:1] and argv[0] in ("--pg-worker", "--engine-worker", "--seats-load"):
         return _worker(argv)
     parser = argparse.ArgumentParser(
         prog="python -m astm.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
