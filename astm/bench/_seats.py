@@ -29,7 +29,8 @@ and the CPU share of one core the load generator and the server used (on a
 2-core machine the generator, the server and its writer thread share the
 cores: the generator's share says how much it took from the server).
 ``ASTM_BENCH_SEATS_SECONDS`` sets the length of a counted round (default 5 s,
-1 s with ``--quick``).
+1 s with ``--quick``), ``ASTM_BENCH_SEATS_CLIENTS`` the number of customers
+(default 100, 20 with ``--quick``).
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class _Side:
 
 async def seats(cfg: Config) -> Cases:
     """The seat service against the dict + lock + sqlite3 baseline, over HTTP, as the show sells."""
-    clients: int = cfg.pick(100, 20)
+    clients = int(os.environ.get("ASTM_BENCH_SEATS_CLIENTS", cfg.pick(100, 20)))
     rows, cols = cfg.pick((26, 300), (10, 20))
     capacity = rows * cols
     seconds = float(os.environ.get("ASTM_BENCH_SEATS_SECONDS", cfg.pick(5.0, 1.0)))

@@ -5,9 +5,12 @@
 Without ``--url`` it starts the service itself (a fresh SQLite store in a
 temporary directory, on a free loopback port) and stops it afterwards. While
 it runs it prints progress once a second; then throughput and latency
-percentiles (p50, p90, p99, per kind of request), and it checks that no seat
-was sold twice, that the seats sold equal the ledger, and that every sale got
-exactly one confirmation. Exit status 0 means every check passed.
+percentiles (p50, p90, p99, per kind of request) and the CPU the driver (and
+the service it started) used, and it checks that no seat was sold twice,
+that the seats sold equal the ledger, and that every sale got exactly one
+confirmation. Exit status 0 means every check passed. ``drive`` is the load
+itself, for other programs (``python -m astm.bench`` drives the seat service
+and its baseline with it).
 """
 
 from __future__ import annotations
