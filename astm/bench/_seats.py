@@ -30,7 +30,9 @@ and the CPU share of one core the load generator and the server used (on a
 cores: the generator's share says how much it took from the server).
 ``ASTM_BENCH_SEATS_SECONDS`` sets the length of a counted round (default 5 s,
 1 s with ``--quick``), ``ASTM_BENCH_SEATS_CLIENTS`` the number of customers
-(default 100, 20 with ``--quick``).
+(default 100, 20 with ``--quick``), and ``ASTM_BENCH_SEATS_INLINE=1`` has the
+baseline commit on its event loop's thread instead of a worker thread (it
+then blocks the loop through each fsync, and saves two thread hand-offs).
 """
 
 from __future__ import annotations
@@ -178,9 +180,11 @@ async def seats(cfg: Config) -> Cases:
         return [sys.executable, "-m", "examples.seats", "--store", f"sqlite:///{tmp}/seats.db",
                 "--mail-log", mail_log, "--port", "0", "--show", show]  # fmt: skip
 
+    inline = os.environ.get("ASTM_BENCH_SEATS_INLINE", "") not in ("", "0")
+
     def baseline_argv(tmp: str, mail_log: str) -> list[str]:
         return [sys.executable, "-m", "astm.bench._seats_baseline", "--db", f"{tmp}/baseline.db",
-                "--mail-log", mail_log, "--port", "0", "--show", show]  # fmt: skip
+                "--mail-log", mail_log, "--port", "0", "--show", show, *(["--inline"] if inline else [])]  # fmt: skip
 
     load = await Child.start("--seats-load", env=_env())
     try:
@@ -194,8 +198,8 @@ async def seats(cfg: Config) -> Cases:
             baseline,
             "req/s",
             ">= 0.7",
-            note=f"baseline: Starlette, dicts under one asyncio.Lock, one sqlite3 WAL FULL commit per booking; "
-            f"{seconds:g} s rounds on a fresh show",
+            note="baseline: Starlette, dicts under one asyncio.Lock, one sqlite3 WAL FULL commit per booking "
+            f"({'on the event loop' if inline else 'in a worker thread'}); {seconds:g} s rounds on a fresh show",
             formats={
                 "sold": ".0%",
                 "load cpu": ".0%",
