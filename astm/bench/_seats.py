@@ -4,7 +4,7 @@ The subject is the real seat service (``examples/seats``: FastAPI on
 ``astm.web``, an embedded SQLite store); the baseline is
 :mod:`astm.bench._seats_baseline`, the same HTTP API as a plain Starlette app
 keeping its state in dicts under one ``asyncio.Lock`` with one sqlite3
-commit (``journal_mode=WAL``, ``synchronous=FULL``, in a worker thread) per
+commit (``journal_mode=WAL``, ``synchronous=FULL``, on its event loop) per
 booking. Each runs in its own process under uvicorn with the same settings,
 on a loopback port, on a fresh file and with one fresh show every round, so
 every round measures a show from its first sale on.
@@ -30,9 +30,10 @@ and the CPU share of one core the load generator and the server used (on a
 cores: the generator's share says how much it took from the server).
 ``ASTM_BENCH_SEATS_SECONDS`` sets the length of a counted round (default 5 s,
 1 s with ``--quick``), ``ASTM_BENCH_SEATS_CLIENTS`` the number of customers
-(default 100, 20 with ``--quick``), and ``ASTM_BENCH_SEATS_INLINE=1`` has the
-baseline commit on its event loop's thread instead of a worker thread (it
-then blocks the loop through each fsync, and saves two thread hand-offs).
+(default 100, 20 with ``--quick``), and ``ASTM_BENCH_SEATS_BASELINE_THREAD=1``
+has the baseline commit in a worker thread instead of on its event loop (the
+loop then serves other requests through each fsync, at the cost of two
+thread hand-offs per booking: slower here).
 """
 
 from __future__ import annotations
@@ -180,11 +181,12 @@ async def seats(cfg: Config) -> Cases:
         return [sys.executable, "-m", "examples.seats", "--store", f"sqlite:///{tmp}/seats.db",
                 "--mail-log", mail_log, "--port", "0", "--show", show]  # fmt: skip
 
-    inline = os.environ.get("ASTM_BENCH_SEATS_INLINE", "") not in ("", "0")
+    in_thread = os.environ.get("ASTM_BENCH_SEATS_BASELINE_THREAD", "") not in ("", "0")
 
     def baseline_argv(tmp: str, mail_log: str) -> list[str]:
         return [sys.executable, "-m", "astm.bench._seats_baseline", "--db", f"{tmp}/baseline.db",
-                "--mail-log", mail_log, "--port", "0", "--show", show, *(["--inline"] if inline else [])]  # fmt: skip
+                "--mail-log", mail_log, "--port", "0", "--show", show,
+                *(["--commit-in-thread"] if in_thread else [])]  # fmt: skip
 
     load = await Child.start("--seats-load", env=_env())
     try:
@@ -199,7 +201,7 @@ async def seats(cfg: Config) -> Cases:
             "req/s",
             ">= 0.7",
             note="baseline: Starlette, dicts under one asyncio.Lock, one sqlite3 WAL FULL commit per booking "
-            f"({'on the event loop' if inline else 'in a worker thread'}); {seconds:g} s rounds on a fresh show",
+            f"({'in a worker thread' if in_thread else 'on the event loop'}); {seconds:g} s rounds on a fresh show",
             formats={
                 "sold": ".0%",
                 "load cpu": ".0%",
