@@ -76,6 +76,10 @@ class Stats:
     evicted: int = 0
     #: cached refs a PostgreSQL peer dropped because the shared log changed a version other than the one it held
     reread: int = 0
+    #: reads a PostgreSQL peer's read replica served, and reads it could not serve (it lagged or failed) that
+    #: went to the primary instead (0 without ``replica=``)
+    replica_reads: int = 0
+    replica_fallbacks: int = 0
 
 
 class Store:
@@ -95,6 +99,12 @@ class Store:
     on disk (``durability="async"`` acknowledges at once and flushes moments
     later: a crash may lose the last commits); ``"postgresql://..."`` shares
     one state between processes (open it with ``async with store``).
+    ``replica="postgresql://..."`` (PostgreSQL only) adds a read replica, a hot
+    standby of that database: a peer's open, its reads of refs it does not
+    hold and its following of the log go there, commits and the outbox to the
+    primary. A replica's answer is used only if it is as recent as what the
+    peer has seen already, so no read is staler for it; one that lags or
+    fails makes the peer read the primary instead (``docs/durability.md``).
 
     On the in-memory store, outbox entries not yet delivered when the process
     ends are lost; the durable stores keep them.
@@ -110,6 +120,7 @@ class Store:
         outbox_concurrency: int = 16,
         durability: str = "sync",
         cache_refs: int = 100_000,
+        replica: str | None = None,
     ) -> None:
         if durability not in ("sync", "async"):
             raise ValueError(f"durability must be 'sync' or 'async', got {durability!r}")
@@ -124,6 +135,16 @@ class Store:
         if not isinstance(outbox_concurrency, int) or outbox_concurrency < 1:
             raise ValueError(f"outbox concurrency must be a positive int, got {outbox_concurrency!r}")
         self.url = url or "memory://"
+        if replica is not None and not (
+            self.url.startswith(("postgresql://", "postgres://"))
+            and isinstance(replica, str)
+            and replica.startswith(("postgresql://", "postgres://"))
+        ):
+            raise ValueError(
+                f"replica= is a 'postgresql://...' URL of a read replica, for a PostgreSQL store only; "
+                f"got replica={replica!r} for {self.url!r}"
+            )
+        self._replica = replica
         self._durability = durability
         self._timeline = Timeline(history, history_seconds)
         self._timeline.deleted = self._forget
@@ -175,7 +196,7 @@ class Store:
         if url.startswith(("postgresql://", "postgres://")):
             from .stores.postgres import PostgresStorage
 
-            peer = self._peer = PostgresStorage(url, self._timeline, self)
+            peer = self._peer = PostgresStorage(url, self._timeline, self, replica=self._replica)
             self._lazy = True
             self._refs = weakref.WeakValueDictionary()  # held by users, the cache, or the log
             self._committer = peer.committer
@@ -690,6 +711,8 @@ class Store:
                 len(self._cache),
                 self._evictions,
                 self._dropped,
+                self._peer.replica_reads if self._peer is not None else 0,
+                self._peer.replica_fallbacks if self._peer is not None else 0,
             )
 
     @property

@@ -7,6 +7,8 @@ and benchmarks, and usable by yours).
 Otherwise ``initdb``/``pg_ctl`` (on PATH or in /usr/lib/postgresql/*/bin)
 create a cluster in a temporary directory, listening on a free loopback port;
 as root they run as the ``postgres`` OS user, which PostgreSQL requires.
+:class:`Standby` adds a hot standby of such a cluster (a streaming replica,
+for testing a store with ``replica=``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -34,7 +37,7 @@ def available() -> bool:
     return bool(os.environ.get("ASTM_TEST_POSTGRES_DSN")) or all(_bin(n) for n in ("initdb", "pg_ctl", "postgres"))
 
 
-__all__ = ["Cluster", "available"]
+__all__ = ["Cluster", "Standby", "available"]
 
 
 class Cluster:
@@ -82,3 +85,79 @@ class Cluster:
         with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
             self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Standby(Cluster):
+    """A hot standby of ``primary``: a streaming replica on a port of its own, read only.
+
+    Made with ``pg_basebackup -R -X stream`` (the primary's defaults allow it:
+    ``wal_level=replica``, and ``initdb --auth=trust`` lets local users
+    replicate). ``dsn`` connects to its ``astm`` database; :meth:`dsn_of` to
+    any database of the primary. :meth:`pause` and :meth:`resume` stop and
+    restart the replay of the primary's WAL, to test a replica that lags.
+    """
+
+    def __init__(self, primary: Cluster) -> None:
+        self.primary = primary
+        self.dir = Path(tempfile.mkdtemp(prefix="astm-pg-standby-"))
+        self.data = self.dir / "data"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.as_postgres = os.geteuid() == 0
+        if self.as_postgres:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self._run(
+            [_bin("pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port), "-U", "astm",
+             "-D", str(self.data), "-R", "-X", "stream", "-c", "fast"]
+        )  # fmt: skip
+        self.start()
+        self.dsn = self.dsn_of(primary.dsn)
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c max_connections=200 -c hot_standby=on"
+        self._run([_bin("pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.dir / "log"), "-w", "start"])
+
+    def dsn_of(self, primary_dsn: str) -> str:
+        """The DSN of the same database on this standby (the primary's DSN with this standby's port)."""
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(primary_dsn)
+        netloc = parts.netloc.rsplit(":", 1)[0] if parts.port else parts.netloc
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{netloc}:{self.port}"))
+
+    def psql(self, sql: str, database: str = "astm") -> str:
+        """Run ``sql`` on this standby; its output, unaligned."""
+        cmd = [str(_bin("psql") or "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "astm",
+               "-d", database, "-XAtqc", sql]  # fmt: skip
+        if self.as_postgres:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+
+    def pause(self) -> None:
+        """Stop replaying the primary's WAL: from now on this standby lags (until :meth:`resume`)."""
+        self.psql("SELECT pg_wal_replay_pause()")
+        deadline = time.monotonic() + 10
+        while self.psql("SELECT pg_get_wal_replay_pause_state()") != "paused":
+            if time.monotonic() > deadline:  # pragma: no cover
+                raise TimeoutError("the standby did not pause its replay")
+            time.sleep(0.01)
+
+    def resume(self) -> None:
+        self.psql("SELECT pg_wal_replay_resume()")
+
+    def wait_caught_up(self, timeout: float = 30.0) -> None:
+        """Wait until this standby has replayed everything the primary has written so far."""
+        target = self._primary_lsn()
+        deadline = time.monotonic() + timeout
+        while self.psql(f"SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn") != "t":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the standby did not replay up to {target}")
+            time.sleep(0.01)
+
+    def _primary_lsn(self) -> str:
+        cmd = [str(_bin("psql") or "psql"), "-h", "127.0.0.1", "-p", str(self.primary.port), "-U", "astm",
+               "-d", "astm", "-XAtqc", "SELECT pg_current_wal_lsn()"]  # fmt: skip
+        if self.as_postgres:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60).stdout.strip()
