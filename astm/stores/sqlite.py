@@ -474,10 +474,13 @@ class SqliteStorage:
                 conn.executemany(
                     "INSERT INTO outbox (t, seq, effect, payload, order_key) VALUES (?, ?, ?, ?, ?)", outbox_rows
                 )
+            done = [key for kind, key, _, _ in ops if kind == "done"]
+            if done:
+                conn.executemany("DELETE FROM outbox WHERE t = ? AND seq = ?", done)
             for kind, (t, seq), attempts, error in ops:
                 if kind == "done":
-                    conn.execute("DELETE FROM outbox WHERE t = ? AND seq = ?", (t, seq))
-                elif kind == "dead":
+                    continue
+                if kind == "dead":
                     conn.execute(
                         "UPDATE outbox SET attempts = ?, error = ? WHERE t = ? AND seq = ?", (attempts, error, t, seq)
                     )
