@@ -13,6 +13,8 @@ from typing import Any
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
+import astm
+
 
 class _Server(uvicorn.Server):
     """A uvicorn server that prints the banner once it serves (the store is open, the port listens)."""
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from .app import create_app
 
+    astm.tune_gc()  # the collector out of the way of the transactions in flight (astm.run does this for its own loop)
     server = _Server(uvicorn.Config(create_app(args.store, args.mail_log, shows=shows), **common))
     server.banner = f"seat service on {url}  (store {shown})"
     server.run(sockets=[sock])
