@@ -169,17 +169,31 @@ class Baseline:
                            "this Idempotency-Key was used for a different request; use a new key", key=key)  # fmt: skip
         return {**json.loads(response), "replayed": True}
 
+    def _start(
+        self, key: str | None, request: list[Any], show_id: str, seats: list[str]
+    ) -> tuple[dict[str, Any] | None, ShowSpec, dict[str, str]]:
+        """Under the lock: the replayed response of ``key`` if it was seen, else the show checked and its seats."""
+        replayed = self._replay(key, request)
+        show = self._show(show_id)
+        if replayed is None:
+            self._check_seats(show, seats)
+        return replayed, show, self.seats[show_id]
+
+    @staticmethod
+    def _remember(key: str | None, request: list[Any], result: dict[str, Any]) -> list[tuple[str, tuple[Any, ...]]]:
+        """The write that records an Idempotency-Key's request and response (none without a key); last in a commit."""
+        if key is None:
+            return []
+        return [("INSERT INTO idempotency VALUES (?, ?, ?)", (key, json.dumps(request), json.dumps(result)))]
+
     async def reserve(
         self, show_id: str, customer: str, seats: list[str], key: str | None
     ) -> tuple[int, dict[str, Any]]:
         request = ["reserve", show_id, customer, seats]
         async with self.lock:
-            replayed = self._replay(key, request)
+            replayed, show, taken = self._start(key, request, show_id, seats)
             if replayed is not None:
                 return self.t, replayed
-            show = self._show(show_id)
-            self._check_seats(show, seats)
-            taken = self.seats[show_id]
             clash = sorted(s for s in seats if s in taken)
             if clash:
                 if len(taken) == show.rows * show.cols:
@@ -193,9 +207,7 @@ class Baseline:
                 writes.append(("INSERT INTO seats VALUES (?, ?, ?)", (show_id, s, customer)))
                 writes.append(("INSERT INTO sales (kind, show, seat, customer) VALUES ('sale', ?, ?, ?)",
                                (show_id, s, customer)))  # fmt: skip
-            if key is not None:
-                writes.append(("INSERT INTO idempotency VALUES (?, ?, ?)", (key, json.dumps(request),
-                                                                              json.dumps(result))))  # fmt: skip
+            writes.extend(self._remember(key, request, result))
             await self._commit(writes)
             for s in seats:
                 taken[s] = customer
@@ -214,12 +226,9 @@ class Baseline:
     ) -> tuple[int, dict[str, Any]]:
         request = ["cancel", show_id, customer, seats]
         async with self.lock:
-            replayed = self._replay(key, request)
+            replayed, _, taken = self._start(key, request, show_id, seats)
             if replayed is not None:
                 return self.t, replayed
-            show = self._show(show_id)
-            self._check_seats(show, seats)
-            taken = self.seats[show_id]
             not_held = sorted(s for s in seats if taken.get(s) != customer)
             if not_held:
                 raise _Refused(409, "unavailable", "Seats unavailable",
@@ -231,9 +240,7 @@ class Baseline:
                 writes.append(("DELETE FROM seats WHERE show = ? AND seat = ?", (show_id, s)))
                 writes.append(("INSERT INTO sales (kind, show, seat, customer) VALUES ('refund', ?, ?, ?)",
                                (show_id, s, customer)))  # fmt: skip
-            if key is not None:
-                writes.append(("INSERT INTO idempotency VALUES (?, ?, ?)", (key, json.dumps(request),
-                                                                              json.dumps(result))))  # fmt: skip
+            writes.extend(self._remember(key, request, result))
             await self._commit(writes)
             for s in seats:
                 del taken[s]
