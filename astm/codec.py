@@ -233,6 +233,8 @@ def _model_fields(value: Any, where: str) -> tuple[str, list[str]] | None:
 
 
 _SCALARS = frozenset({type(None), bool, str, float, bytes, Decimal, uuid.UUID, _dt.date})
+#: the scalars and int: the leaves a check has nothing to walk in
+_LEAVES = _SCALARS | {int}
 
 
 def check(value: Any, where: str = "value") -> None:
@@ -250,6 +252,8 @@ def check(value: Any, where: str = "value") -> None:
         return
     scalars = _SCALARS
     if t is tuple or t is _PVECTOR or t is frozenset or t is _PSET:
+        if len(value) > 16 and _LEAVES.issuperset(map(type, value)):
+            return  # scalars only: their types gathered at C speed, several times faster than the loop below
         for v in value:
             tv = type(v)
             if tv not in scalars and tv is not int:
