@@ -242,6 +242,27 @@ class TestDeltas:
             await c.load(fresh)  # one query: the whole value at its base and the deltas after it
             assert fresh.get() == (*range(1000), *range(MAX_DELTAS + 10))
 
+    async def test_a_large_value_chains_more_deltas_before_it_is_sent_whole(self, pg_dsn: str) -> None:
+        """A 3,200-entry ledger chains 200 deltas (n // 16), not 64, before it is sent whole; reads stay right."""
+        from astm.stores.postgres import MAX_DELTAS, _chain_bound
+
+        assert _chain_bound(tuple(range(3200))) == 200 > MAX_DELTAS and _chain_bound(5) == MAX_DELTAS
+        async with astm.Store(pg_dsn) as a:
+            ledger: astm.Ref[Any] = a.ref("ledger", ())
+            await a.atomically(lambda: ledger.set(tuple(range(3200))))
+            for i in range(150):
+                await a.atomically(lambda i: ledger.commute(astm.conj, i), i)
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            deltas = await conn.fetchval("SELECT count(*) FROM astm_ref_deltas WHERE name = 'ledger'")
+        finally:
+            await conn.close()
+        assert deltas == 150, "the ledger was sent whole again before its chain reached its bound"
+        async with astm.Store(pg_dsn) as c:
+            fresh = c.ref("ledger", ())
+            await c.load(fresh)
+            assert fresh.get() == (*range(3200), *range(150))
+
     async def test_a_delta_on_the_wrong_version_never_applies(self, pg_dsn: str) -> None:
         """The database refuses a delta whose base is not the ref's version; the commit runs again instead."""
         import uuid

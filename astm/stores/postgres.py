@@ -88,6 +88,10 @@ RESOLVE_SECONDS = 10.0
 BATCH_MAX = 64
 #: after this many deltas on one ref since its last whole value, the next change sends the whole value
 MAX_DELTAS = 64
+#: a collection of n entries may chain up to n // 16 deltas (at most this many): re-sending a 100k-entry value
+#: every 64 commits cost more than the commits themselves, while a cold read applying a few thousand small
+#: deltas costs less than decoding the value it starts from
+MAX_CHAIN = 4096
 #: log rows one catch-up query brings (the loop runs between chunks)
 CATCH_UP_CHUNK = 500
 #: how often a peer polls the log when LISTEN/NOTIFY is not available
@@ -366,6 +370,15 @@ def _replica_errors() -> tuple[type[BaseException], ...]:
 
 async def _no_reset(conn: Any) -> None:
     """Nothing to reset on a pooled connection (asyncpg still rolls back a transaction left open)."""
+
+
+def _chain_bound(value: Any) -> int:
+    """How many deltas a ref holding ``value`` may chain before a commit sends it whole."""
+    try:
+        n = len(value)
+    except TypeError:
+        return MAX_DELTAS
+    return max(MAX_DELTAS, min(n // 16, MAX_CHAIN))
 
 
 def _text_safe(text: str) -> str:
@@ -1183,12 +1196,16 @@ class PostgresCommitter:
             raise _Conflict([refs[n] for n in result["names"] if n in refs])
 
     def _whole_after(self, changes: list[tuple[str, str, str, Any]]) -> list[tuple[str, str, str, Any]]:
-        """Send a ref's whole value instead of a delta once it has MAX_DELTAS deltas (a bounded chain)."""
+        """Send a ref's whole value instead of a delta once its chain of deltas is long (a bounded chain).
+
+        The bound grows with the value's size (see MAX_CHAIN), so re-sending a
+        large value costs each commit about as little as a small one.
+        """
         counts = self._peer.deltas
         out = []
         for change in changes:
             name, kind, _, value = change
-            if kind == "d" and counts.get(name, 0) >= MAX_DELTAS:
+            if kind == "d" and counts.get(name, 0) >= _chain_bound(value):
                 change = (name, "v", codec.dumps(value, f"ref {name!r}"), value)
             out.append(change)
         return out
