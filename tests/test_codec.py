@@ -233,7 +233,7 @@ BAD_VALUES = [
     ((1, Opaque()), astm.CodecError),
     # long collections of scalars take a faster path: one bad element among many is still found
     ((*range(100), [2]), astm.MutableValueError),
-    (pvector(range(100)).append((1, {2})), astm.MutableValueError),
+    (pvector([*range(100), (1, {2})]), astm.MutableValueError),
     (frozenset(range(100)) | {Opaque()}, astm.CodecError),
 ]
 
