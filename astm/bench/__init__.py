@@ -36,6 +36,7 @@ from ._core import core
 from ._effects import effects
 from ._engine import engine
 from ._harness import Cases, Config, Group, Row, load_average, run_groups
+from ._pg_scale import pg_scale
 from ._postgres import postgres
 from ._seats import seats
 from ._sqlite import sqlite
@@ -52,7 +53,7 @@ async def _memory_values(cfg: Config) -> Cases:
 
 
 #: every group of cases, in table order
-GROUPS: list[Group] = [core, engine, effects, _memory_values, sqlite, postgres, seats]
+GROUPS: list[Group] = [core, engine, effects, _memory_values, sqlite, postgres, pg_scale, seats]
 
 
 def run_all(
@@ -154,6 +155,7 @@ def _environment(cfg_rounds: int) -> str:
 def _worker(argv: list[str]) -> int:
     """Run one of the worker processes that the multi-process cases start."""
     from ._engine import engine_worker
+    from ._pg_scale import pg_scale_worker
     from ._postgres import pg_worker
     from ._seats import load_worker
 
@@ -161,6 +163,8 @@ def _worker(argv: list[str]) -> int:
         anyio.run(load_worker)
     elif argv[0] == "--pg-worker":
         astm.run(pg_worker, argv[1])
+    elif argv[0] == "--pg-scale-worker":
+        astm.run(pg_scale_worker, argv[1])
     else:
         astm.run(engine_worker, float(argv[1]))
     return 0
@@ -169,7 +173,7 @@ def _worker(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m astm.bench``: run the cases and print the table (or JSON)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] and argv[0] in ("--pg-worker", "--engine-worker", "--seats-load"):
+    if argv[:1] and argv[0] in ("--pg-worker", "--pg-scale-worker", "--engine-worker", "--seats-load"):
         return _worker(argv)
     parser = argparse.ArgumentParser(
         prog="python -m astm.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
