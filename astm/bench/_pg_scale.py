@@ -103,8 +103,9 @@ async def pg_scale_worker(dsn: str) -> None:
     ``open astm|direct MODE TASKS W``: open a peer with the accounts of its
     TASKS tasks loaded (worker W; MODE disjoint or hot), or TASKS asyncpg
     connections. ``run S``: the tasks transfer for S seconds; the answer is
-    ``count elapsed retries``. ``close``: close what is open. ``peer``: time
-    the open of a new peer; the answer is ``seconds rss_growth_bytes``.
+    ``count elapsed retries``. ``close``: close what is open. ``peer N``: time
+    the open of a new peer on a database of N refs, then one cold read; the
+    answer is ``seconds rss_growth_bytes read_seconds``.
     ``lagger K``: open a peer holding refs cu-0..cu-K-1 and start a 1 ms
     ticker. ``stall T TARGET WINDOW``: wait until the peer has commit TARGET
     (and at least until T + WINDOW); the answer is the longest gap between
@@ -187,7 +188,15 @@ async def pg_scale_worker(dsn: str) -> None:
                     t0 = time.perf_counter()
                     store = await astm.Store(dsn).open()
                     seconds = time.perf_counter() - t0
-                    reply(seconds, _rss() - rss)
+                    grown = _rss() - rss
+                    # then one cold read of a ref in the middle of the table (ref-k holds k)
+                    k = int(args[0]) // 2 + 1
+                    t0 = time.perf_counter()
+                    one = store.ref(f"ref-{k}", 0)
+                    await store.load(one)
+                    read = time.perf_counter() - t0
+                    assert one.get() == k, f"ref-{k} holds {one.get()}"
+                    reply(seconds, grown, read)
                 elif op == "lagger":
                     await close()
                     store = await astm.Store(dsn).open()
@@ -295,10 +304,10 @@ async def _open_cases(dsn: str, cfg: Config) -> Cases:
     async def fresh_open(refs: int) -> Result:
         child = await Child.start("--pg-scale-worker", dsns[refs])
         try:
-            seconds, grown = (await child.ask("peer")).split()
+            seconds, grown, read = (await child.ask(f"peer {refs}")).split()
         finally:
             await child.close()
-        return float(seconds) * 1000, {"rss MB": int(grown) / 1e6}
+        return float(seconds) * 1000, {"rss MB": int(grown) / 1e6, "first read ms": float(read) * 1000}
 
     async def baseline() -> Result:
         return await fresh_open(small)
@@ -316,8 +325,9 @@ async def _open_cases(dsn: str, cfg: Config) -> Cases:
             "ms",
             "<= 3" + (f"; {_count(big)} under 1,000 ms" if big >= 1_000_000 else ""),
             lower_is_better=True,
-            note=f"a fresh process times Store(dsn).open(); baseline: the same at {_count(small)} refs",
-            formats={"rss MB": ".1f"},
+            note=f"a fresh process times Store(dsn).open() (then one cold read of a ref: first read ms); "
+            f"baseline: the same at {_count(small)} refs",
+            formats={"rss MB": ".1f", "first read ms": ".2f"},
             also=(
                 Derived(
                     name + ": memory",
