@@ -13,6 +13,7 @@ import pytest
 
 from astm.bench import main
 from astm.bench._harness import Case, Cases, Config, Derived, GcTimer, Result, Sized, Timed, run_case, run_groups
+from astm.testing import available
 
 
 async def test_rounds_alternate_abba_and_ratios_are_per_round() -> None:
@@ -239,3 +240,33 @@ def test_seat_service_case_runs_both_servers_over_http() -> None:
         assert 0 < figures[f"{side}sold"][0] <= 1
         assert figures[f"{side}last s req/s"][0] > 0
     assert rows[f"{name}: p99 latency"]["lower_is_better"]
+
+
+@pytest.mark.skipif(not available(), reason="needs PostgreSQL (ASTM_BENCH_POSTGRES_DSN or its programs)")
+def test_postgres_scaling_cases_run_short() -> None:
+    """The PostgreSQL scaling cases, quick: every row is there with positive figures on both sides.
+
+    The catch-up case checks by itself that the resumed peer holds every commit's value.
+    """
+    out = StringIO()
+    with redirect_stdout(out):
+        assert main(["--quick", "--rounds", "1", "--only", "postgres scale", "--json", "--quiet"]) == 0
+    rows = {r["case"]: r for r in json.loads(out.getvalue())}
+    assert set(rows) == {
+        "postgres scale: open a new peer, 2k refs vs 20",
+        "postgres scale: open a new peer, 2k refs vs 20: memory",
+        "postgres scale: disjoint-key transfers, 1 peer process",
+        "postgres scale: disjoint-key transfers, 2 peer processes",
+        "postgres scale: disjoint-key transfers, astm 8 peer processes vs astm 1",
+        "postgres scale: hot-key transfers, 2 peer processes",
+        "postgres scale: longest event-loop stall during a 300-commit catch-up",
+    }
+    for row in rows.values():
+        assert row["astm"] > 0
+        assert row["baseline"] > 0
+    opened = rows["postgres scale: open a new peer, 2k refs vs 20"]
+    assert opened["lower_is_better"]
+    assert opened["figures"]["first read ms"][0] > 0
+    stall = rows["postgres scale: longest event-loop stall during a 300-commit catch-up"]
+    assert stall["figures"]["commits/s made"][0] > 0
+    assert rows["postgres scale: hot-key transfers, 2 peer processes"]["figures"]["baseline retries/tx"][0] >= 0
