@@ -52,6 +52,33 @@ async def _log_rows(dsn: str) -> list[tuple[int, list[Any]]]:
     return [(r["t"], json.loads(r["changes"])) for r in rows]
 
 
+class TestSchema:
+    async def test_a_database_of_the_previous_schema_is_upgraded_in_place(self, pg_dsn: str) -> None:
+        """A database at schema 6 (the commit functions wrote astm_meta even for a batch that committed nothing)
+        opens as schema 7 with its refs, log and commits intact, and commits go on from its t."""
+        from astm.stores.postgres import SCHEMA_VERSION
+
+        async with astm.Store(pg_dsn) as s:
+            r = s.ref("r", 0)
+            await s.atomically(lambda: r.set(41))
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute("UPDATE astm_meta SET value = '6' WHERE key = 'schema_version'")
+        finally:
+            await conn.close()
+        async with astm.Store(pg_dsn) as s:
+            r = s.ref("r", 0)
+            await s.load(r)
+            assert (s.t, r.get()) == (1, 41)
+            assert (await s.transact(lambda: r.alter(lambda v: v + 1))).t == 2
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            version = await conn.fetchval("SELECT value FROM astm_meta WHERE key = 'schema_version'")
+        finally:
+            await conn.close()
+        assert int(version) == SCHEMA_VERSION == 7
+
+
 class TestPeers:
     async def test_read_your_writes_across_peers(self, pg_dsn: str) -> None:
         """A write on one peer is visible on another after sync(t); the second peer follows by itself."""

@@ -77,7 +77,7 @@ _Own = tuple[float, list[tuple[str, tuple[Any, ...]]], list[tuple[str, str, str,
 
 log = logging.getLogger("astm")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 CHANNEL = "astm_commits"
 POLL_SECONDS = 1.0
 OUTBOX_POLL_SECONDS = 0.2
@@ -203,6 +203,7 @@ _COMMIT_FUNCTION = """CREATE OR REPLACE FUNCTION astm_commit_batch(p_batch jsonb
     LANGUAGE plpgsql AS $$
     DECLARE
         cur bigint;
+        start bigint;
         queued jsonb;
         everything jsonb;
         res jsonb;
@@ -214,6 +215,7 @@ _COMMIT_FUNCTION = """CREATE OR REPLACE FUNCTION astm_commit_batch(p_batch jsonb
             RETURN NULL;
         END IF;
         SELECT m.value::bigint INTO cur FROM astm_meta m WHERE m.key = 't';
+        start := cur;
         WITH d AS (DELETE FROM astm_pending RETURNING payload, seq)
         SELECT COALESCE(jsonb_agg(d.payload ORDER BY d.seq), '[]'::jsonb) INTO queued FROM d;
         everything := queued || p_batch;
@@ -222,8 +224,10 @@ _COMMIT_FUNCTION = """CREATE OR REPLACE FUNCTION astm_commit_batch(p_batch jsonb
              SELECT (q.payload->>'id')::uuid, r.result
                FROM jsonb_array_elements(queued) WITH ORDINALITY AS q(payload, n)
                JOIN jsonb_array_elements(res) WITH ORDINALITY AS r(result, m) ON q.n = r.m;
-        UPDATE astm_meta SET value = cur::text WHERE key = 't';
-        PERFORM pg_notify('astm_commits', cur::text);
+        IF cur > start THEN  -- a batch that committed nothing (all conflicts) writes no WAL: no flush
+            UPDATE astm_meta SET value = cur::text WHERE key = 't';
+            PERFORM pg_notify('astm_commits', cur::text);
+        END IF;
         RETURN (SELECT COALESCE(jsonb_agg(r.result ORDER BY r.m), '[]'::jsonb)
                   FROM jsonb_array_elements(res) WITH ORDINALITY AS r(result, m)
                  WHERE r.m > jsonb_array_length(queued));
@@ -233,11 +237,13 @@ _PENDING_FUNCTION = """CREATE OR REPLACE FUNCTION astm_commit_pending(p_mine uui
     LANGUAGE plpgsql AS $$
     DECLARE
         cur bigint;
+        start bigint;
         queued jsonb;
         res jsonb;
     BEGIN
         PERFORM pg_advisory_xact_lock(7272727);  -- waits its turn
         SELECT m.value::bigint INTO cur FROM astm_meta m WHERE m.key = 't';
+        start := cur;
         WITH d AS (DELETE FROM astm_pending RETURNING payload, seq)
         SELECT COALESCE(jsonb_agg(d.payload ORDER BY d.seq), '[]'::jsonb) INTO queued FROM d;
         IF jsonb_array_length(queued) > 0 THEN
@@ -246,8 +252,10 @@ _PENDING_FUNCTION = """CREATE OR REPLACE FUNCTION astm_commit_pending(p_mine uui
                  SELECT (q.payload->>'id')::uuid, r.result
                    FROM jsonb_array_elements(queued) WITH ORDINALITY AS q(payload, n)
                    JOIN jsonb_array_elements(res) WITH ORDINALITY AS r(result, m) ON q.n = r.m;
-            UPDATE astm_meta SET value = cur::text WHERE key = 't';
-            PERFORM pg_notify('astm_commits', cur::text);
+            IF cur > start THEN
+                UPDATE astm_meta SET value = cur::text WHERE key = 't';
+                PERFORM pg_notify('astm_commits', cur::text);
+            END IF;
         END IF;
         WITH x AS (DELETE FROM astm_results WHERE id = ANY(p_mine) RETURNING id, result)
         SELECT COALESCE(jsonb_object_agg(x.id::text, x.result), '{}'::jsonb) INTO res FROM x;
@@ -295,7 +303,7 @@ _SCHEMA = [
     _PENDING_FUNCTION,
     *_INDEXES,
 ]
-#: schema versions 1 and 2 -> 6: the fence, deltas (log rows become [name, "v", value])
+#: schema versions 1 and 2 -> 7: the fence, deltas (log rows become [name, "v", value])
 _MIGRATE = [
     _FENCE,
     _DELTAS,
@@ -311,8 +319,8 @@ _MIGRATE = [
     _PENDING_FUNCTION,
     *_INDEXES,
 ]
-#: schema versions 3 to 5 -> 6: validation by index lookups, the outbox indexes, commits shared between peers,
-#: deletions
+#: schema versions 3 to 6 -> 7: validation by index lookups, the outbox indexes, commits shared between peers,
+#: deletions, no write to astm_meta by a batch that committed nothing
 _MIGRATE_3 = [*_QUEUES, _APPLY_FUNCTION, _COMMIT_FUNCTION, _PENDING_FUNCTION, *_INDEXES]
 
 #: refs a peer does not hold, and the basis they are read at, in one statement (one snapshot): the basis row,
@@ -709,7 +717,7 @@ class PostgresStorage:
                 exists = await conn.fetchval("SELECT to_regclass('astm_meta') IS NOT NULL")
                 if exists:
                     version = await conn.fetchval("SELECT value FROM astm_meta WHERE key = 'schema_version'")
-                    if version is not None and int(version) in (1, 2, 3, 4, 5):
+                    if version is not None and int(version) in (1, 2, 3, 4, 5, 6):
                         for statement in _MIGRATE if int(version) < 3 else _MIGRATE_3:
                             await conn.execute(statement)
                         await conn.execute(
