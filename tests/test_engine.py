@@ -120,3 +120,16 @@ def test_public_functions_keep_docstrings_and_signatures() -> None:
         assert fn.__doc__, fn
         inspect.signature(fn)
     assert inspect.iscoroutinefunction(astm.or_else)
+
+
+def test_ref_keeps_its_docstring() -> None:
+    """Ref's docstring survives compilation (restored from astm._ref._DOC, which must match the source's)."""
+    import ast
+
+    from astm import _ref
+
+    with open(os.path.join(os.path.dirname(astm.__file__), "_ref.py"), encoding="utf-8") as f:
+        source = ast.parse(f.read())
+    cls = next(n for n in source.body if isinstance(n, ast.ClassDef) and n.name == "Ref")
+    assert ast.get_docstring(cls, clean=False) == _ref._DOC
+    assert astm.Ref.__doc__ == _ref._DOC
