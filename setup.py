@@ -3,7 +3,7 @@
 The engine modules (``ENGINE``) are ordinary, fully typed Python. Where mypyc
 and a C compiler work at install, they are also compiled to extension modules
 that sit beside the ``.py`` files and are imported instead of them (about a
-third faster uncontended; see docs/performance.md). Anything that goes wrong
+quarter faster uncontended; see docs/performance.md). Anything that goes wrong
 while compiling (no compiler, a mypyc error) is reported as a warning and the
 install goes on with the pure-Python engine, which behaves identically.
 
