@@ -5,9 +5,18 @@ timeline of immutable db values, and blocking retry. See the user guide in
 ``docs/``.
 """
 
+# first: with ASTM_PURE=1 the engine modules must load from source before anything imports them
+from . import _engine  # isort: skip
 from . import codec as codec
 from ._agent import Agent as Agent
 from ._agent import AgentFamily as AgentFamily
+from ._api import after_commit as after_commit
+from ._api import check as check
+from ._api import in_transaction as in_transaction
+from ._api import io as io
+from ._api import or_else as or_else
+from ._api import retry as retry
+from ._api import transactional as transactional
 from ._atom import Atom as Atom
 from ._db import Change as Change
 from ._db import Db as Db
@@ -45,15 +54,12 @@ from ._ref import Ref as Ref
 from ._run import run as run
 from ._store import Stats as Stats
 from ._store import Store as Store
-from ._tx import after_commit as after_commit
-from ._tx import check as check
-from ._tx import in_transaction as in_transaction
-from ._tx import io as io
-from ._tx import or_else as or_else
-from ._tx import retry as retry
-from ._tx import transactional as transactional
 
 __version__ = "0.1.0"
+
+#: True when the transaction engine runs compiled (mypyc), False for the pure-Python modules
+#: (no C compiler at install, ``ASTM_BUILD_PURE=1`` then, or ``ASTM_PURE=1`` now)
+compiled: bool = _engine.compiled()
 
 __all__ = [
     "Agent",
@@ -92,6 +98,7 @@ __all__ = [
     "after_commit",
     "assoc",
     "check",
+    "compiled",
     "conj",
     "disj",
     "dissoc",

@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 import anyio
 import anyio.to_thread
 
+from ._api import in_transaction
 from ._backend import Waiter, spawn
 from ._errors import AgentFailed, AgentWaitError, StoreClosed
-from ._tx import _current, in_transaction
+from ._tx import _current
 
 if TYPE_CHECKING:
     from ._store import Store

@@ -277,6 +277,8 @@ def validate_value(name: str, validator: Callable[[Any], Any], value: Any) -> No
     try:
         ok = validator(value)
     except Exception as exc:
-        raise ValidationError(name, value, f"the validator raised {exc!r}") from exc
+        err = ValidationError(name, value, f"the validator raised {exc!r}")
+        err.__cause__ = exc  # as ``raise ... from exc``, which compiled (mypyc 2.4) sets no cause
+        raise err from exc
     if not ok:
         raise ValidationError(name, value)

@@ -19,6 +19,14 @@ from ._values import _IMMUTABLE_FAST
 if TYPE_CHECKING:
     from ._store import Store
 
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:  # not a dependency: only mypyc reads the decorator, when it compiles this module
+
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[Any], Any]:  # type: ignore[misc]
+        return lambda cls: cls
+
+
 __all__ = ["Ref"]
 
 T = TypeVar("T")
@@ -26,6 +34,18 @@ T = TypeVar("T")
 Watch = Callable[[Any, "Ref[Any]", Any, Any], Any]
 
 
+#: Ref's docstring again: compiled, the class keeps a filler instead (tests/test_engine.py checks they agree)
+_DOC = """A named identity in a store whose value changes only inside transactions.
+
+    Read it anywhere with ``get()``; inside a transaction change it with
+    ``set``, ``alter`` and ``commute``, guard a read with ``ensure``. Create
+    refs with ``store.ref(name, initial)``.
+    """
+
+
+# An ordinary class even when compiled (its methods are compiled): mypyc 2.4 would free a native
+# class's instances without clearing their weak references, and stores hold refs weakly.
+@mypyc_attr(native_class=False)
 class Ref(Generic[T]):
     """A named identity in a store whose value changes only inside transactions.
 
@@ -219,3 +239,6 @@ class Ref(Generic[T]):
         if t == COLD:
             return f"<astm.Ref {self.name!r} ({'deleted' if type(v) is Tombstone else 'not loaded'})>"
         return f"<astm.Ref {self.name!r} t={t} value={v!r}>"
+
+
+setattr(Ref, "__doc__", _DOC)  # noqa: B010 (mypyc refuses an assignment to a class attribute)

@@ -264,7 +264,7 @@ class Timeline:
         self._last_sweep = (t, now)
         if self.history_seconds is not None:
             cutoff = now - self.history_seconds
-            self._time_floor = next((e[0] - 1 for e in self.log if e[1] >= cutoff), t)
+            self._time_floor = float(next((e[0] - 1 for e in self.log if e[1] >= cutoff), t))
         done = [r for r in self._versioned if _decay(r)]
         self._versioned.difference_update(done)
 

@@ -32,7 +32,6 @@ over a stream of short ones.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import random
@@ -42,7 +41,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from contextvars import ContextVar
 from time import monotonic as _monotonic
-from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, Protocol, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
 
 import anyio
 
@@ -52,7 +51,6 @@ from ._commit import CommitRequest, Committer, validate_value
 from ._db import Db, TxReport
 from ._errors import (
     CommuteConflictError,
-    IOInTransactionError,
     NotInTransactionError,
     RefDeleted,
     RetryLimitExceeded,
@@ -75,19 +73,9 @@ if TYPE_CHECKING:
 __all__ = [
     "Claimant",
     "Transaction",
-    "after_commit",
-    "check",
     "current_for",
-    "in_transaction",
-    "io",
-    "or_else",
-    "retry",
     "run_transaction",
-    "transactional",
 ]
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 log = logging.getLogger("astm")
 
@@ -102,6 +90,18 @@ _Savepoint = tuple[
 ]
 _NO: Any = object()
 _CoroutineType = types.CoroutineType
+
+
+def _is_coroutine(r: object) -> bool:
+    """Whether a body's result is a coroutine to await: a native one, or any other kind.
+
+    The common case is one type check. The ABC check catches coroutines that
+    are not ``types.CoroutineType``: those of compiled code, among them the
+    engine's own runner when it is compiled (a body that returns the call of
+    another ``@transactional`` function hands back the runner's coroutine).
+    """
+    return type(r) is _CoroutineType or (r is not None and isinstance(r, Coroutine))
+
 
 #: Claims start on the first conflict of a ref that conflicted this often since
 #: its queue last drained, or on any conflict from the third failure on.
@@ -205,8 +205,9 @@ class Transaction:
     def __init__(self, store: Host | None) -> None:
         self.store = store
         self.rp = store._timeline.t if store is not None else 0
-        #: in-transaction values of every ref written (set/alter/commute); sealed when the attempt ends
-        self.vals: dict[Ref[Any], Any] = {}
+        #: in-transaction values of every ref written (set/alter/commute), a dict; ``_SEALED`` when the
+        #: attempt ends (typed Any, not a union: compiled, a dict-typed attribute refuses ``_SEALED``)
+        self.vals: Any = {}
         #: refs checked at commit: every get/alter/set/ensure
         self.reads: set[Ref[Any]] = set()
         self.peeks: set[Ref[Any]] | None = None
@@ -529,18 +530,20 @@ class Transaction:
                 w = Waiter()
                 with lock:
                     holder = ref._claim
-                    if holder is me:
-                        break
-                    assert holder is not None
-                    entry[1] = w
-                    head = q[0] is entry
-                    wait = holder.deadline - _monotonic()
-                    if head and wait <= 0:
-                        q.popleft()  # the holder is stuck: go ahead without the claim
-                        if q and q[0][1] is not None:
-                            q[0][1].fire()
-                        _claim_overrun(store, ref, len(q) + 1)
-                        return
+                    mine = holder is me  # (no break inside ``with``: mypyc cannot compile one)
+                    if not mine:
+                        assert holder is not None
+                        entry[1] = w
+                        head = q[0] is entry
+                        wait = holder.deadline - _monotonic()
+                        if head and wait <= 0:
+                            q.popleft()  # the holder is stuck: go ahead without the claim
+                            if q and q[0][1] is not None:
+                                q[0][1].fire()
+                            _claim_overrun(store, ref, len(q) + 1)
+                            return
+                if mine:
+                    break
                 if head:
                     with anyio.move_on_after(wait):
                         await w.wait()
@@ -683,7 +686,7 @@ async def run_transaction(
         saved = outer.savepoint()
         try:
             r = fn(*args, **kwargs)
-            if type(r) is _CoroutineType:
+            if _is_coroutine(r):
                 r = await r
         except (_Conflict, _Blocked):
             raise  # the whole attempt runs again: nothing to undo here
@@ -702,7 +705,7 @@ async def run_transaction(
             tx.attempts += 1
             try:
                 r = fn(*args, **kwargs)
-                if type(r) is _CoroutineType:
+                if _is_coroutine(r):
                     r = await r
                 if BODIES_TWICE and tx.attempts == 1:
                     raise _Conflict(())  # the testing mode: this attempt is discarded, the body runs again
@@ -915,7 +918,7 @@ async def _run_effects(effects: list[tuple[Callable[..., Any], tuple[Any, ...]]]
             log.exception("after-commit effect %r failed", getattr(fn, "__qualname__", fn))
 
 
-# -- the public functions -------------------------------------------------------
+# -- the current attempt ---------------------------------------------------------
 
 
 def current_for(operation: str) -> Transaction:
@@ -926,120 +929,6 @@ def current_for(operation: str) -> Transaction:
     if tx.vals is _SEALED:
         raise TransactionEndedError(operation)
     return tx
-
-
-def in_transaction() -> bool:
-    """True when called inside a transaction body."""
-    tx = _current.get()
-    return tx is not None and tx.vals is not _SEALED
-
-
-def retry() -> NoReturn:
-    """Abandon this attempt and run the body again once a ref it read has changed.
-
-    Blocking retry in the style of Haskell's STM: the transaction sleeps (no
-    polling) until another transaction commits a change to something this
-    attempt read. Bound the wait with ``anyio.fail_after``.
-    """
-    current_for("astm.retry()")
-    raise _Blocked()
-
-
-def check(condition: object) -> None:
-    """``astm.retry()`` unless ``condition`` is true."""
-    if not condition:
-        retry()
-
-
-async def or_else(*alternatives: Callable[[], Any]) -> Any:
-    """Run the first alternative that does not ``retry()``; its result is returned.
-
-    An alternative that retries (or raises) has its writes and effects rolled
-    back; what it read still counts, so when every alternative retries the
-    transaction waits for a change to anything any of them read.
-    """
-    tx = current_for("astm.or_else()")
-    if not alternatives:
-        raise TypeError("or_else() needs at least one alternative")
-    for i, alt in enumerate(alternatives):
-        saved = tx.savepoint()
-        try:
-            r = alt()
-            if inspect.isawaitable(r):
-                r = await r
-            return r
-        except _Blocked:
-            tx.rollback(saved)
-            if i == len(alternatives) - 1:
-                raise
-        except _Conflict:
-            raise
-        except BaseException:
-            tx.rollback(saved)  # an alternative that raises leaves no trace either
-            raise
-    raise AssertionError("unreachable")
-
-
-def after_commit(fn: Callable[..., Any], *args: Any) -> None:
-    """Run ``fn(*args)`` after the current transaction commits (never on retry or abort)."""
-    tx = current_for("astm.after_commit()")
-    if tx.effects is None:
-        tx.effects = [(fn, args)]
-    else:
-        tx.effects.append((fn, args))
-
-
-@overload
-def transactional(
-    fn: Callable[P, Awaitable[R]], *, retry_limit: int | None = None
-) -> Callable[P, Coroutine[Any, Any, R]]: ...
-@overload
-def transactional(fn: Callable[P, R], *, retry_limit: int | None = None) -> Callable[P, Coroutine[Any, Any, R]]: ...
-@overload
-def transactional(
-    fn: None = None, *, retry_limit: int | None = None
-) -> Callable[[Callable[P, Any]], Callable[P, Coroutine[Any, Any, Any]]]: ...
-def transactional(fn: Any = None, *, retry_limit: int | None = None) -> Any:
-    """Make a function a transaction: calling it runs it atomically, retried on conflict.
-
-    Works on ``async def`` and plain ``def``; the call always returns an
-    awaitable. The store is the one of the first ref the body touches. Called
-    inside another transaction, it joins that one; if it raises there, what it
-    did is undone (a savepoint), so an outer body that catches the exception
-    goes on exactly as before the call.
-    """
-    if fn is None:
-        return functools.partial(transactional, retry_limit=retry_limit)
-
-    # a plain function returning the runner's coroutine: one frame, not two
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
-        return run_transaction(None, fn, args, kwargs, retry_limit)
-
-    return wrapper
-
-
-def io(fn: Callable[P, R]) -> Callable[P, R]:
-    """Mark ``fn`` as side-effecting: calling it inside a transaction raises ``IOInTransactionError``."""
-    name = getattr(fn, "__qualname__", repr(fn))
-    if inspect.iscoroutinefunction(fn):
-        afn = cast(Callable[..., Awaitable[Any]], fn)
-
-        @functools.wraps(fn)
-        async def aguard(*args: Any, **kwargs: Any) -> Any:
-            if _current.get() is not None:
-                raise IOInTransactionError(name)
-            return await afn(*args, **kwargs)
-
-        return cast(Callable[P, R], aguard)
-
-    @functools.wraps(fn)
-    def guard(*args: P.args, **kwargs: P.kwargs) -> R:
-        if _current.get() is not None:
-            raise IOInTransactionError(name)
-        return fn(*args, **kwargs)
-
-    return guard
 
 
 def _validate_value(name: str, validator: Callable[[Any], Any], value: Any) -> None:

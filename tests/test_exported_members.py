@@ -23,8 +23,8 @@ def test_public_surface_is_pinned() -> None:
         "MutableValueError", "NotInTransactionError", "Outbox", "Ref", "RefDeleted", "RefNotLoaded",
         "RetryLimitExceeded", "Stats", "StorageError", "Store", "StoreClosed", "StoreMismatchError",
         "SyncTimeout", "TransactionEndedError", "TxReport", "ValidationError", "after_commit", "assoc",
-        "check", "conj", "disj", "dissoc", "in_transaction", "io", "or_else", "retry", "run", "transactional",
-        "tune_gc",
+        "check", "compiled", "conj", "disj", "dissoc", "in_transaction", "io", "or_else", "retry", "run",
+        "transactional", "tune_gc",
     }  # fmt: skip
     assert set(astm.__all__) == expected
     assert astm.__all__ == sorted(astm.__all__)
