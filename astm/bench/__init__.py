@@ -20,6 +20,7 @@ programs are installed, and are left out otherwise.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -31,6 +32,7 @@ from dataclasses import asdict
 import anyio
 
 import astm
+from astm._gc import DEFAULT_THRESHOLD
 
 from ._core import core
 from ._effects import effects
@@ -146,8 +148,10 @@ def table(rows: list[Row]) -> str:
 
 def _environment(cfg_rounds: int) -> str:
     loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    engine = "compiled engine" if astm.compiled else "pure-Python engine"
     return (
-        f"python {platform.python_version()}, {loop} event loop, {os.cpu_count()} CPUs, "
+        f"python {platform.python_version()}, {loop} event loop, {engine}, {os.cpu_count()} CPUs, "
+        f"gc threshold {DEFAULT_THRESHOLD} while cases run (astm.run; CPython's default {gc.get_threshold()[0]}), "
         f"{cfg_rounds} rounds per case, load average {load_average():.2f}"
     )
 
