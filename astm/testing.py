@@ -44,7 +44,15 @@ class Cluster:
     """A started cluster; ``dsn`` connects to its ``astm`` database. ``destroy()`` removes it."""
 
     def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="astm-pg-"))
+        self._prepare("astm-pg-")
+        self._run([_bin("initdb"), "-D", str(self.data), "-U", "astm", "--auth=trust", "-E", "UTF8"])
+        self.start()
+        self._run([_bin("createdb") or "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "astm", "astm"])
+        self.dsn = f"postgresql://astm@127.0.0.1:{self.port}/astm"
+
+    def _prepare(self, prefix: str) -> None:
+        """A fresh directory (owned by the ``postgres`` OS user when run as root) and a free loopback port."""
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
         self.data = self.dir / "data"
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -52,10 +60,6 @@ class Cluster:
         self.as_postgres = os.geteuid() == 0
         if self.as_postgres:
             shutil.chown(self.dir, "postgres", "postgres")
-        self._run([_bin("initdb"), "-D", str(self.data), "-U", "astm", "--auth=trust", "-E", "UTF8"])
-        self.start()
-        self._run([_bin("createdb") or "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "astm", "astm"])
-        self.dsn = f"postgresql://astm@127.0.0.1:{self.port}/astm"
 
     @classmethod
     def existing(cls, data: Path, port: int) -> Cluster:
@@ -99,14 +103,7 @@ class Standby(Cluster):
 
     def __init__(self, primary: Cluster) -> None:
         self.primary = primary
-        self.dir = Path(tempfile.mkdtemp(prefix="astm-pg-standby-"))
-        self.data = self.dir / "data"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        self.as_postgres = os.geteuid() == 0
-        if self.as_postgres:
-            shutil.chown(self.dir, "postgres", "postgres")
+        self._prepare("astm-pg-standby-")
         self._run(
             [_bin("pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port), "-U", "astm",
              "-D", str(self.data), "-R", "-X", "stream", "-c", "fast"]

@@ -48,6 +48,7 @@ import astm
 
 from ._child import Child, command, reply, start_all
 from ._harness import Case, Cases, Config, Derived, Result
+from ._postgres import _add, _inc, _sub
 
 __all__ = ["pg_scale", "pg_scale_worker"]
 
@@ -58,18 +59,6 @@ OWN_ACCOUNTS = 4
 HOT_ACCOUNTS = 4
 #: refs the catch-up commits write (and the stopped peer holds)
 CATCH_UP_REFS = 1000
-
-
-def _sub(v: int, n: int) -> int:
-    return v - n
-
-
-def _add(v: int, n: int) -> int:
-    return v + n
-
-
-def _inc(v: int) -> int:
-    return v + 1
 
 
 def _transfer(a: astm.Ref[int], b: astm.Ref[int]) -> None:
