@@ -44,7 +44,7 @@ import json
 import sys
 import uuid
 import zoneinfo
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from decimal import Decimal
 from itertools import compress, count, islice
 from operator import is_not
@@ -246,31 +246,32 @@ def check(value: Any, where: str = "value") -> None:
     containers and scalars are walked here; every other type is encoded).
     """
     t = type(value)
-    if t in _SCALARS:
+    if t in _LEAVES:
         return
-    if t is int:
-        return
-    scalars = _SCALARS
     if t is tuple or t is _PVECTOR or t is frozenset or t is _PSET:
         if len(value) > 16 and _LEAVES.issuperset(map(type, value)):
             return  # scalars only: their types gathered at C speed, several times faster than the loop below
+        leaves = _LEAVES
         for v in value:
-            tv = type(v)
-            if tv not in scalars and tv is not int:
+            if type(v) not in leaves:
                 check(v, where)
         return
     if t is _PMAP:
-        for bucket in value._buckets:
-            if bucket:
-                for k, v in bucket:
-                    tk = type(k)
-                    if tk not in scalars and tk is not int:
-                        check(k, where)
-                    tv = type(v)
-                    if tv not in scalars and tv is not int:
-                        check(v, where)
+        _check_buckets(value._buckets, where)
         return
     encode(value, where)
+
+
+def _check_buckets(buckets: Iterable[Any], where: str) -> None:
+    """Check the keys and values in a pmap's buckets (``None`` for an empty one)."""
+    leaves = _LEAVES
+    for bucket in buckets:
+        if bucket:
+            for k, v in bucket:
+                if type(k) not in leaves:
+                    check(k, where)
+                if type(v) not in leaves:
+                    check(v, where)
 
 
 def check_changed(value: Any, base: Any, where: str = "value") -> None:
@@ -290,17 +291,7 @@ def check_changed(value: Any, base: Any, where: str = "value") -> None:
         if len(new) != len(old):
             check(value, where)  # resized: nothing lines up
             return
-        scalars = _SCALARS
-        for i in compress(count(), map(is_not, new, old)):
-            bucket = new[i]
-            if bucket:
-                for k, v in bucket:
-                    tk = type(k)
-                    if tk not in scalars and tk is not int:
-                        check(k, where)
-                    tv = type(v)
-                    if tv not in scalars and tv is not int:
-                        check(v, where)
+        _check_buckets((new[i] for i in compress(count(), map(is_not, new, old))), where)
     elif t is _PVECTOR or t is tuple:
         n = min(len(value), len(base))
         for i in compress(count(), map(is_not, value, base)):
