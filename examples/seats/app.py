@@ -21,7 +21,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -96,12 +96,6 @@ ShowId = Annotated[str, PathParam(max_length=64)]
 CustomerId = Annotated[str, PathParam(pattern=CUSTOMER_PATTERN)]
 
 
-async def seats_of(request: Request) -> Seats:
-    """The app's seat service (a dependency)."""
-    return request.app.state.seats  # type: ignore[no-any-return]
-
-
-SeatsDep = Annotated[Seats, Depends(seats_of)]
 StoreDep = Annotated[astm.Store, Depends(astm.web.get_store)]
 
 
@@ -146,24 +140,28 @@ def create_app(
     astm.web.install(app, sync_timeout=sync_timeout)
     _problem_handlers(app)
 
-    def answer(response: Response, t: int) -> None:
-        response.headers["X-Astm-T"] = str(t)
+    def seats() -> Seats:
+        return app.state.seats  # type: ignore[no-any-return]
+
+    def answer(body: Any, t: int, status: int = 200) -> JSONResponse:
+        # the endpoints build their response themselves: no response model to validate a dict against
+        return JSONResponse(body, status, headers={astm.web.T_HEADER: str(t)})
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
     @app.get("/shows", summary="Every show and how many seats it has free")
-    async def list_shows(seats: SeatsDep, response: Response) -> dict[str, Any]:
-        t, shows = await seats.read(seats.list_shows)
-        answer(response, t)
-        return {"shows": shows}
+    async def list_shows() -> JSONResponse:
+        s = seats()
+        t, shows = await s.read(s.list_shows)
+        return answer({"shows": shows}, t)
 
     @app.get("/shows/{show}", summary="One show's seat map: seat id -> customer (null when free)", responses=PROBLEMS)
-    async def get_show(show: ShowId, seats: SeatsDep, response: Response) -> dict[str, Any]:
-        t, described = await seats.read(seats.describe, show)
-        answer(response, t)
-        return described
+    async def get_show(show: ShowId) -> JSONResponse:
+        s = seats()
+        t, described = await s.read(s.describe, show)
+        return answer(described, t)
 
     @app.post(
         "/shows/{show}/reservations",
@@ -171,36 +169,28 @@ def create_app(
         summary="Reserve seats for a customer, all of them or none",
         responses={**PROBLEMS, 200: {"description": "a replay: the answer to the first request with this key"}},
     )
-    async def reserve(
-        show: ShowId, booking: Booking, seats: SeatsDep, response: Response, idempotency_key: IdempotencyKey = None
-    ) -> dict[str, Any]:
-        t, result = await seats.reserve(show, booking.customer, booking.seats, idempotency_key)
-        answer(response, t)
-        if result.get("replayed"):
-            response.status_code = 200
-        return {**result, "t": t}
+    async def reserve(show: ShowId, booking: Booking, idempotency_key: IdempotencyKey = None) -> JSONResponse:
+        t, result = await seats().reserve(show, booking.customer, booking.seats, idempotency_key)
+        return answer({**result, "t": t}, t, 200 if result.get("replayed") else 201)
 
     @app.post(
         "/shows/{show}/cancellations", summary="Give back seats the customer holds, all or none", responses=PROBLEMS
     )
-    async def cancel(
-        show: ShowId, booking: Booking, seats: SeatsDep, response: Response, idempotency_key: IdempotencyKey = None
-    ) -> dict[str, Any]:
-        t, result = await seats.cancel(show, booking.customer, booking.seats, idempotency_key)
-        answer(response, t)
-        return {**result, "t": t}
+    async def cancel(show: ShowId, booking: Booking, idempotency_key: IdempotencyKey = None) -> JSONResponse:
+        t, result = await seats().cancel(show, booking.customer, booking.seats, idempotency_key)
+        return answer({**result, "t": t}, t)
 
     @app.get("/customers/{customer}/reservations", summary="The seats a customer holds", responses=PROBLEMS)
-    async def customer_reservations(customer: CustomerId, seats: SeatsDep, response: Response) -> dict[str, Any]:
-        t, held = await seats.read(seats.reservations, customer)
-        answer(response, t)
-        return {"customer": customer, "reservations": held}
+    async def customer_reservations(customer: CustomerId) -> JSONResponse:
+        s = seats()
+        t, held = await s.read(s.reservations, customer)
+        return answer({"customer": customer, "reservations": held}, t)
 
     @app.get("/sales", summary="The sales ledger: every sale and refund")
-    async def sales(seats: SeatsDep, response: Response) -> dict[str, Any]:
-        t, ledger = await seats.read(seats.ledger)
-        answer(response, t)
-        return ledger
+    async def sales() -> JSONResponse:
+        s = seats()
+        t, ledger = await s.read(s.ledger)
+        return answer(ledger, t)
 
     @app.get("/stats", summary="This process's store: its counters and how many refs it holds")
     async def stats(store: StoreDep) -> dict[str, Any]:
@@ -223,16 +213,15 @@ def create_app(
         responses={404: PROBLEMS[404], 200: {"content": {"text/event-stream": {}}}},
         response_model=None,
     )
-    async def events(
-        request: Request, seats: SeatsDep, store: StoreDep, show: Annotated[str, Query(max_length=64)] = ""
-    ) -> Response:
-        await seats.read(seats.show, show)  # 404 for an unknown show
-        seat_ref = seats.seat_map(show)
-        await store.load(seats.shows, seat_ref)  # a PostgreSQL peer: hold them, so snapshots read them
+    async def events(request: Request, store: StoreDep, show: Annotated[str, Query(max_length=64)] = "") -> Response:
+        service = seats()
+        await service.read(service.show, show)  # 404 for an unknown show
+        seat_ref = service.seat_map(show)
+        await store.load(service.shows, seat_ref)  # a PostgreSQL peer: hold them, so snapshots read them
 
         def render(item: astm.TxReport[None] | astm.Db) -> dict[str, Any] | None:
             if isinstance(item, astm.Db):
-                return {"t": item.t, **seats.describe(item, show)}
+                return {"t": item.t, **service.describe(item, show)}
             for change in item.changes:
                 if change.ref is seat_ref:
                     old, new = change.old, change.new
