@@ -32,7 +32,7 @@ from typing import Any
 import anyio.to_thread
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
-from starlette.datastructures import Headers, MutableHeaders, QueryParams
+from starlette.datastructures import QueryParams
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -61,6 +61,8 @@ log = logging.getLogger("astm.web")
 #: the header a response's basis t is in, and the one a request asks for a basis with
 T_HEADER = "X-Astm-T"
 MIN_T_HEADER = "X-Astm-Min-T"
+_T_KEY = T_HEADER.lower().encode()
+_MIN_T_KEY = MIN_T_HEADER.lower().encode()
 #: where the store lives on the app (``app.state.astm_store``) and on each request's scope
 _STATE_KEY = "astm_store"
 _SCOPE_KEY = "astm.store"
@@ -378,9 +380,11 @@ class _AstmMiddleware:
 
         async def send_with_t(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                if T_HEADER not in headers:
-                    headers.append(T_HEADER, str(store.t))
+                raw = message.get("headers")
+                if raw is None:
+                    message["headers"] = [(_T_KEY, str(store.t).encode())]
+                elif not any(key.lower() == _T_KEY for key, _ in raw):
+                    message["headers"] = [*raw, (_T_KEY, str(store.t).encode())]
             await send(message)
 
         try:
@@ -400,12 +404,17 @@ class _AstmMiddleware:
 
 
 def _min_t(scope: Scope) -> int | None:
-    """The t a request asks for (the larger of the header and the query parameter), or None."""
-    wanted: int | None = None
+    """The t a request asks for (the larger of the header and the query parameter), or None.
+
+    It reads the raw ASGI headers and query string: this runs on every request.
+    """
+    header = next((value for key, value in scope["headers"] if key.lower() == _MIN_T_KEY), None)
+    query: bytes = scope.get("query_string", b"")
     raw_values = [
-        (f"the {MIN_T_HEADER} header", Headers(scope=scope).get(MIN_T_HEADER)),
-        ("the min_t query parameter", QueryParams(scope.get("query_string", b"")).get("min_t")),
+        (f"the {MIN_T_HEADER} header", None if header is None else header.decode("latin-1")),
+        ("the min_t query parameter", QueryParams(query).get("min_t") if b"min" in query else None),
     ]
+    wanted: int | None = None
     for where, raw in raw_values:
         if raw is None:
             continue

@@ -71,6 +71,10 @@ def counter_app(store: astm.Store, *, sync_timeout: float = 0.5, ping: float = 1
         db = store.db()
         return {"n": db[n], "t": db.t}
 
+    @app.get("/as-of/{t}", response_model=None)
+    async def as_of(t: int, store: StoreDep) -> Response:
+        return JSONResponse({"n": store.as_of(t)[n]}, headers={astm.web.T_HEADER: str(t)})
+
     @app.get("/mutable")
     async def mutable(store: StoreDep) -> None:
         await store.atomically(lambda: n.set([1]))  # type: ignore[arg-type, call-overload]
@@ -150,6 +154,14 @@ class TestHeaders:
         assert (await client.get("/n")).headers["x-astm-t"] == "1"
         assert (await client.get("/no/such/path")).headers["x-astm-t"] == "1"
         assert (await client.post("/add/-5")).headers["x-astm-t"] == "1"
+
+    async def test_a_response_with_its_own_t_keeps_it(self, client: httpx.AsyncClient) -> None:
+        """An endpoint that answers for an older t says so: its X-Astm-T stands, and only once."""
+        await client.post("/add/2")
+        await client.post("/add/3")
+        r = await client.get("/as-of/1")
+        assert r.json() == {"n": 2} and r.headers.get_list("x-astm-t") == ["1"]
+        assert (await client.get("/n")).headers.get_list("x-astm-t") == ["2"]
 
     async def test_min_t_waits_for_the_commit(self, client: httpx.AsyncClient) -> None:
         """A request with X-Astm-Min-T ahead of the store waits until a commit reaches it, then runs."""
