@@ -33,13 +33,23 @@ __all__ = ["Waiter", "fire_all", "spawn"]
 _background: set[asyncio.Task[Any]] = set()
 
 
+def _under_trio() -> bool:
+    """Whether the running task is trio's, as ``sniffio.current_async_library() == "trio"`` says.
+
+    Both lookups are what sniffio itself checks first; skipping its asyncio
+    sniff (``asyncio.current_task``, Python code on 3.11) matters because every
+    durable commit makes a waiter.
+    """
+    return sniffio.thread_local.name == "trio" or sniffio.current_async_library_cvar.get() == "trio"
+
+
 def spawn(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
     """Start ``fn(*args)`` as a background task of the running event loop.
 
     It runs in a fresh context, so no transaction leaks into it. Agents and the
     outbox use this to run work only while there is work (no idle tasks).
     """
-    if sniffio.current_async_library() == "trio":
+    if _under_trio():
         import trio
 
         trio.lowlevel.spawn_system_task(fn, *args, context=contextvars.Context())
@@ -75,7 +85,7 @@ class Waiter:
         self.fired = False
         self.payload: Any = None
         self._thread = threading.get_ident()
-        if sniffio.current_async_library() == "trio":
+        if _under_trio():
             import trio
 
             self._loop: asyncio.AbstractEventLoop | None = None

@@ -27,7 +27,7 @@ from types import ModuleType
 __all__ = ["ENGINE", "compiled", "pure_requested", "select", "stale_build"]
 
 #: the engine modules compiled with mypyc, in their package (setup.py compiles ``astm/<name>.py``)
-ENGINE = ("_commit", "_timeline", "_tx", "_ref")
+ENGINE = ("_commit", "_timeline", "_tx", "_ref", "codec")
 _NAMES = frozenset(f"astm.{m}" for m in ENGINE)
 
 
