@@ -40,15 +40,17 @@ def conj(coll: C, *items: Any) -> C:
     if t is tuple:
         return out + items  # type: ignore[no-any-return]
     if t is _PSET:
-        for x in items:
-            out = out.add(x)
-        return out  # type: ignore[no-any-return]
+        return out.add(items[0]) if len(items) == 1 else out.update(items)  # type: ignore[no-any-return]
     if t is frozenset:
         return out.union(items)  # type: ignore[no-any-return]
     if t is _PMAP:
+        if len(items) == 1:
+            k, v = items[0]
+            return out.set(k, v)  # type: ignore[no-any-return]
+        e = out.evolver()  # one copy of the touched paths for all the items
         for k, v in items:
-            out = out.set(k, v)
-        return out  # type: ignore[no-any-return]
+            e.set(k, v)
+        return e.persistent()  # type: ignore[no-any-return]
     raise TypeError(f"conj(coll, ...): coll must be a pvector, tuple, pset, frozenset or pmap, got {t.__qualname__}")
 
 
@@ -65,9 +67,13 @@ def dissoc(coll: C, *keys: Hashable) -> C:
     if type(coll) is not _PMAP:
         raise TypeError(f"dissoc(coll, ...): coll must be a pmap, got {type(coll).__qualname__}")
     out: Any = coll
+    if len(keys) == 1:
+        return out.discard(keys[0])  # type: ignore[no-any-return]
+    e = out.evolver()
     for k in keys:
-        out = out.discard(k)
-    return out  # type: ignore[no-any-return]
+        if k in e:
+            e.remove(k)
+    return e.persistent()  # type: ignore[no-any-return]
 
 
 def disj(coll: C, *items: Hashable) -> C:
@@ -75,9 +81,13 @@ def disj(coll: C, *items: Hashable) -> C:
     t = type(coll)
     out: Any = coll
     if t is _PSET:
-        for x in items:
-            out = out.discard(x)
-        return out  # type: ignore[no-any-return]
+        if len(items) == 1:
+            return out.discard(items[0])  # type: ignore[no-any-return]
+        e = out.evolver()
+        for x in frozenset(items):
+            if x in out:
+                e.remove(x)
+        return e.persistent()  # type: ignore[no-any-return]
     if t is frozenset:
         return out.difference(items)  # type: ignore[no-any-return]
     raise TypeError(f"disj(coll, ...): coll must be a pset or frozenset, got {t.__qualname__}")

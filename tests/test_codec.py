@@ -296,6 +296,25 @@ class TestSameOnEveryStore:
         with pytest.raises(TypeError, match="pvector"):
             astm.conj("text", "x")
 
+    @settings(max_examples=200, deadline=None)
+    @given(
+        start=st.dictionaries(st.integers(0, 20), st.integers()),
+        pairs=st.lists(st.tuples(st.integers(0, 30), st.integers()), max_size=6),
+        keys=st.lists(st.integers(0, 30), max_size=6),
+    )
+    def test_collection_helpers_match_plain_sets_and_dicts(
+        self, start: dict[int, int], pairs: list[tuple[int, int]], keys: list[int]
+    ) -> None:
+        """Any number of items, repeated or absent, does what the same steps do to a dict or a set, one by one."""
+        want = dict(start)
+        want.update(pairs)
+        assert astm.conj(pmap(start), *pairs) == pmap(want)
+        gone = {k: v for k, v in start.items() if k not in keys}
+        assert astm.dissoc(pmap(start), *keys) == pmap(gone)
+        members = set(start)
+        assert astm.conj(pset(members), *keys) == pset(members | set(keys))
+        assert astm.disj(pset(members), *keys) == pset(members - set(keys))
+
     async def test_a_lone_surrogate_survives_a_restart(self, tmp_path: Path) -> None:
         """A string with a lone surrogate (from client JSON) commits, reopens unchanged, and the store goes on."""
         url = f"sqlite:///{tmp_path / 's.db'}"

@@ -103,6 +103,24 @@ class TestApi:
         assert r.json()["status"] == status and r.json()["title"] and r.json()["detail"]
         assert (await client.get("/sales")).json()["entries"] == []
 
+    async def test_bad_parameters_are_422_naming_them(self, client: httpx.AsyncClient) -> None:
+        """A too-long show id, a bad Idempotency-Key and a bad body are each named in one 422; nothing is booked."""
+        r = await client.post(
+            f"/shows/{'x' * 65}/reservations",
+            json={"customer": "ann", "seats": "A1"},
+            headers={"Idempotency-Key": "has space"},
+        )
+        assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+        locs = [e["loc"] for e in r.json()["errors"]]
+        assert locs == [["path", "show"], ["header", "Idempotency-Key"], ["body", "seats"]]
+        assert "Idempotency-Key" in r.json()["detail"]
+        for key in ("", "k" * 129):
+            r = await client.post("/shows/hamlet/cancellations", json={"customer": "ann", "seats": ["A1"]},
+                                  headers={"Idempotency-Key": key})  # fmt: skip
+            assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["header", "Idempotency-Key"]
+        assert (await reserve(client, "ann", ["A1"], headers={"Idempotency-Key": "k" * 128})).status_code == 201
+        assert len((await client.get("/sales")).json()["entries"]) == 1
+
     async def test_unknown_show(self, client: httpx.AsyncClient) -> None:
         """An unknown show is a 404 problem for reads, writes and event streams."""
         r = await client.get("/shows/nope")
@@ -166,7 +184,12 @@ class TestApi:
         assert r.status_code == 200 and "EventSource" in r.text
         assert (await client.get("/docs")).status_code == 200
         spec = (await client.get("/openapi.json")).json()
-        assert "/shows/{show}/reservations" in spec["paths"] and "Booking" in spec["components"]["schemas"]
+        for path in ("/shows/{show}/reservations", "/shows/{show}/cancellations"):
+            post = spec["paths"][path]["post"]
+            body = post["requestBody"]["content"]["application/json"]["schema"]
+            assert body["title"] == "Booking" and set(body["required"]) == {"customer", "seats"}
+            params = {(p["name"], p["in"]) for p in post["parameters"]}
+            assert params == {("show", "path"), ("Idempotency-Key", "header")}
 
     async def test_unknown_customer_creates_nothing(self, client: httpx.AsyncClient) -> None:
         """Looking up customers who hold nothing answers an empty list and creates no ref."""

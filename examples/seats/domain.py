@@ -248,8 +248,7 @@ class Seats:
                 raise Unavailable(f"{show.title} is sold out", show=show_id)
             taken_text = f"seat {clash[0]} is" if len(clash) == 1 else f"seats {', '.join(clash)} are"
             raise Unavailable(f"{taken_text} already taken; pick free seats", show=show_id, seats=clash)
-        for s in seats:
-            seat_map.alter(astm.assoc, s, customer)
+        seat_map.alter(astm.conj, *((s, customer) for s in seats))
         self.holdings(customer).alter(astm.conj, *((show_id, s) for s in seats))
         for s in seats:
             self.sales.commute(astm.conj, pmap({"kind": "sale", "show": show_id, "seat": s, "customer": customer}))
