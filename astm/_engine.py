@@ -9,8 +9,9 @@ that loads them from source, before anything imports the engine. Both engines
 behave identically; the switch is there to measure one against the other and
 to test both.
 
-This module imports only the standard library: ``setup.py`` reads ``ENGINE``
-from it without importing the package.
+This module imports only the standard library (and ``mypy_extensions`` for the
+compiler's class decorator, where it is installed): ``setup.py`` reads
+``ENGINE`` from it without importing the package.
 """
 
 from __future__ import annotations
@@ -21,13 +22,22 @@ import importlib.util
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Any
 
-__all__ = ["ENGINE", "compiled", "pure_requested", "select", "stale_build"]
+__all__ = ["ENGINE", "compiled", "mypyc_attr", "pure_requested", "select", "stale_build"]
+
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:  # not a dependency: only mypyc reads the decorator, when it compiles the engine
+
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[Any], Any]:  # type: ignore[misc]
+        return lambda cls: cls
+
 
 #: the engine modules compiled with mypyc, in their package (setup.py compiles ``astm/<name>.py``)
-ENGINE = ("_commit", "_timeline", "_tx", "_ref", "codec")
+ENGINE = ("_commit", "_timeline", "_tx", "_ref", "codec", "_values", "_markers")
 _NAMES = frozenset(f"astm.{m}" for m in ENGINE)
 
 

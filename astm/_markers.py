@@ -11,12 +11,18 @@ from __future__ import annotations
 import sys
 from typing import Any, Final
 
+from ._engine import mypyc_attr
+
 __all__ = ["COLD", "DELETED", "Cold", "Tombstone"]
+
+# The classes stay ordinary classes when the module is compiled; the constants become static,
+# read by the compiled engine without a dict lookup.
 
 #: the version of a ref that has no value here
 COLD: Final = sys.maxsize
 
 
+@mypyc_attr(native_class=False)
 class Cold:
     """A ref this process does not hold: what it holds if storage has no value for it (its initial value)."""
 
@@ -26,6 +32,7 @@ class Cold:
         self.initial = initial
 
 
+@mypyc_attr(native_class=False)
 class Tombstone:
     """A ref deleted by the commit at ``t``."""
 
@@ -35,22 +42,17 @@ class Tombstone:
         self.t = t
 
 
+@mypyc_attr(native_class=False)
 class _Deleted:
     """The value a commit writes to delete a ref (``Change.new`` of a deletion in reports)."""
 
     __slots__ = ()
-    _instance: _Deleted | None = None
-
-    def __new__(cls) -> _Deleted:
-        if cls._instance is None:
-            cls._instance = object.__new__(cls)
-        return cls._instance
 
     def __repr__(self) -> str:
         return "astm.DELETED"
 
     def __reduce__(self) -> str:
-        return "DELETED"
+        return "DELETED"  # copies and pickles are the one DELETED
 
 
 #: what a deleted ref's change shows as its new value

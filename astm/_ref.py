@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 from ._backend import Waiter
+from ._engine import mypyc_attr
 from ._errors import NotInTransactionError, RefDeleted, RefNotLoaded
 from ._markers import COLD, Tombstone
 from ._tx import _NO, Claimant, _current
@@ -18,14 +19,6 @@ from ._values import _IMMUTABLE_FAST
 
 if TYPE_CHECKING:
     from ._store import Store
-
-try:
-    from mypy_extensions import mypyc_attr
-except ImportError:  # not a dependency: only mypyc reads the decorator, when it compiles this module
-
-    def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[Any], Any]:  # type: ignore[misc]
-        return lambda cls: cls
-
 
 __all__ = ["Ref"]
 

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from heapq import heappop, heappush
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ._backend import Waiter
 from ._markers import COLD, DELETED, Tombstone
@@ -42,8 +42,8 @@ __all__ = ["LogEntry", "Timeline"]
 LogEntry = tuple[int, float, list[tuple["Ref[Any]", Any, Any]]]
 
 #: A ref that faulted keeps at most this many old versions of its own.
-MAX_KEEP = 64
-_SWEEP_EVERY = 1024
+MAX_KEEP: Final = 64
+_SWEEP_EVERY: Final = 1024
 
 
 class Timeline:

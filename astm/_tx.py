@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from contextvars import ContextVar
 from time import monotonic as _monotonic
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol, cast
 
 import anyio
 
@@ -79,7 +79,7 @@ __all__ = [
 
 log = logging.getLogger("astm")
 
-_current: ContextVar[Transaction | None] = ContextVar("astm.transaction", default=None)
+_current: Final[ContextVar[Transaction | None]] = ContextVar("astm.transaction", default=None)
 #: (values, commutes, number of effects, number of outbox entries, delta calls) at a savepoint
 _Savepoint = tuple[
     "dict[Ref[Any], Any] | None",
@@ -88,7 +88,7 @@ _Savepoint = tuple[
     int,
     "dict[Ref[Any], list[tuple[Callable[..., Any], tuple[Any, ...]]] | None] | None",
 ]
-_NO: Any = object()
+_NO: Final[Any] = object()
 _CoroutineType = types.CoroutineType
 
 
@@ -163,7 +163,7 @@ class _Sealed:
         return 0
 
 
-_SEALED: Any = _Sealed()
+_SEALED: Final[Any] = _Sealed()
 
 
 class Claimant:

@@ -14,6 +14,7 @@ import datetime as _dt
 import sys
 import uuid
 from decimal import Decimal
+from typing import Final
 
 from pyrsistent import pmap, pset, pvector
 
@@ -22,7 +23,9 @@ from . import codec
 __all__ = ["check_changed_value", "check_value", "untrack_large"]
 
 #: types whose every value is immutable and storable as it is
-_IMMUTABLE_FAST = frozenset({int, str, float, bool, type(None), bytes, Decimal, uuid.UUID, _dt.date})
+_IMMUTABLE_FAST: Final[frozenset[type]] = frozenset(
+    {int, str, float, bool, type(None), bytes, Decimal, uuid.UUID, _dt.date}
+)
 
 
 def check_value(value: object, name: str, what: str = "ref") -> None:
@@ -48,11 +51,11 @@ def check_changed_value(value: object, base: object, name: str, what: str = "ref
 
 
 #: collections at least this long are taken out of the garbage collector's view once committed
-UNTRACK_AT = 256
+UNTRACK_AT: Final = 256
 _PVECTOR: type = type(pvector())
 _PMAP: type = type(pmap())
 _PSET: type = type(pset())
-LARGE_TYPES = frozenset({_PVECTOR, _PMAP, _PSET})
+LARGE_TYPES: Final[frozenset[type]] = frozenset({_PVECTOR, _PMAP, _PSET})
 
 if sys.implementation.name == "cpython":
     _gc_untrack = ctypes.pythonapi.PyObject_GC_UnTrack
