@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -491,6 +492,48 @@ class TestDeltas:
             for t, values in before.items():
                 db = again.as_of(t)
                 assert tuple(db[r] for r in refs) == values, t
+
+    async def test_checkpoints_of_a_large_value_wait_for_the_log_to_outweigh_them(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """One-entry appends to a large ledger do not rewrite it every epoch; the log is still trimmed; all is kept.
+
+        A checkpoint writes a changed ref whole: at every epoch, a growing
+        ledger would cost its whole size again and again.
+        """
+        from astm.stores import sqlite as backend
+
+        monkeypatch.setattr(backend, "CHECKPOINT_EVERY", 20)
+        path = tmp_path / "s.db"
+        url = f"sqlite:///{path}"
+
+        def checkpoint_t() -> int:
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                return int(conn.execute("SELECT value FROM astm_meta WHERE key = 'checkpoint_t'").fetchone()[0])
+
+        big: Any = pvector(range(30_000))  # about 180 kB encoded
+        async with astm.Store(url, history=5) as store:
+            ledger: astm.Ref[Any] = store.ref("ledger", big)
+            small: astm.Ref[int] = store.ref("small", 0)
+            for i in range(300):
+                await store.atomically(lambda i: ledger.alter(astm.conj, i), i)
+            first = checkpoint_t()
+            assert 0 < first <= 60, first  # the first epoch past retention is checkpointed...
+            for i in range(300):
+                await store.atomically(lambda i: ledger.alter(astm.conj, i), i)
+            assert checkpoint_t() == first  # ...and then not again: 600 small rows weigh less than the ledger
+            for i in range(200):
+                await store.atomically(lambda i: ledger.alter(astm.conj, "x" * 1000 + str(i)), i)
+            later = checkpoint_t()
+            assert later > first  # 200 kB of log outweighs it: checkpointed, and the log trimmed up to it
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                assert conn.execute("SELECT MIN(t) FROM log").fetchone()[0] > later
+            for _ in range(100):
+                await store.atomically(lambda: small.alter(lambda v: v + 1))
+        want = big.extend(range(300)).extend(range(300)).extend("x" * 1000 + str(i) for i in range(200))
+        async with astm.Store(url, history=5) as again:
+            assert again.ref("ledger", None).get() == want and again.ref("small", None).get() == 100
+            assert again.t == 900
 
     def test_a_delta_on_the_wrong_version_is_refused(self, tmp_path: Path) -> None:
         """A log row whose delta names a base version the ref does not have makes opening fail, not guess."""

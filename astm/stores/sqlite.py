@@ -12,7 +12,9 @@ changes: a whole value, or, for a change made only with astm's collection
 helpers (``astm.conj``, ``astm.assoc``, ...), a *delta*: those calls and the
 version they apply to, so a commit costs what changed, not the size of the
 value. The ``refs`` table is a checkpoint of every ref's value at
-``checkpoint_t``. Checkpoints lag behind history retention: a checkpoint is
+``checkpoint_t``. A checkpoint waits until the log written since the last
+one holds as many bytes as that one wrote, so rewriting large values costs
+at most what their deltas cost. Checkpoints lag behind history retention: a checkpoint is
 written only at a ``t`` older than everything ``as_of`` and
 ``reports(since=...)`` may still ask for, so opening loads the checkpoint and
 replays every log row after it forward, which rebuilds that history exactly
@@ -248,6 +250,9 @@ class SqliteStorage:
         #: refs changed in the current epoch: name -> (t, value encoded or None, value), and where it began
         self._epoch: dict[str, tuple[int, str | None, Any]] = {}
         self._epoch_start = 0
+        #: bytes of log rows written since the last checkpoint, and bytes of ref values that checkpoint wrote
+        self._log_bytes = 0
+        self._checkpoint_bytes = 0
         #: closed epochs not yet checkpointed, oldest first: (their last t, their changes)
         self._epochs: deque[tuple[int, dict[str, tuple[int, str | None, Any]]]] = deque()
         #: the writer is waiting for work (so a submit must wake it)
@@ -436,7 +441,7 @@ class SqliteStorage:
                 self._write(conn, batch)
                 if top:
                     self._durable(top)
-                    if self._epochs and self._epochs[0][0] <= top - self._history:
+                    if self._due(top):
                         top = 0
                         self._checkpoint(conn)
             top = 0
@@ -448,6 +453,23 @@ class SqliteStorage:
         finally:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+
+    def _due(self, top: int) -> bool:
+        """Whether to checkpoint now: an epoch is past retention, and the log since the last one outweighs it.
+
+        A checkpoint writes every ref changed since the last one whole, so for
+        a large value changed by small deltas (a growing ledger) it costs the
+        size of the value, not of the changes. Waiting until the log written
+        since then holds as many bytes as that checkpoint did keeps the
+        checkpoints' share of the writing at most about half, whatever the
+        values' size, and bounds what opening replays by what a checkpoint
+        holds.
+        """
+        return (
+            bool(self._epochs)
+            and self._epochs[0][0] <= top - self._history
+            and self._log_bytes >= self._checkpoint_bytes
+        )
 
     def _write(self, conn: sqlite3.Connection, batch: list[CommitRecord | _OutboxOp]) -> None:
         """Append a batch to the log in one transaction (one fsync)."""
@@ -461,7 +483,9 @@ class SqliteStorage:
                 epoch = self._epoch
                 for name, kind, text, value in item.changes:
                     epoch[name] = (item.t, text if kind == "v" else None, value)
-                log_rows.append((item.t, item.time, row_text(item.changes)))
+                row = row_text(item.changes)
+                self._log_bytes += len(row)
+                log_rows.append((item.t, item.time, row))
                 for seq, name, payload, ok in item.outbox:
                     outbox_rows.append((item.t, seq, name, payload, ok))
             else:
@@ -547,6 +571,8 @@ class SqliteStorage:
             epochs.appendleft((top, merged))  # not written: keep it for the next try
             raise
         self._checkpoint_t = top
+        self._checkpoint_bytes = sum(len(text) for _, _, text in rows)
+        self._log_bytes = 0
 
     def _durable(self, t: int) -> None:
         with self._cv:
