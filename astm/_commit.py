@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from ._tx import Claimant
 
 __all__ = [
+    "Counts",
     "CommitRequest",
     "Committed",
     "Committer",
@@ -131,24 +132,40 @@ class Committer(Protocol):
     def commit(self, request: CommitRequest) -> Committed | Awaitable[Committed]: ...
 
 
+class Counts:
+    """A store's commit and attempt counters (``store.stats()``), where the compiled engine counts them.
+
+    A store is an ordinary class: counting on it would cost an attribute
+    lookup by name per counter and commit; these are native fields.
+    """
+
+    __slots__ = ("attempts", "commits")
+
+    def __init__(self) -> None:
+        self.commits = 0
+        self.attempts = 0
+
+
 class _Host(Protocol):
     """What a local committer needs of its store beyond the timeline and the log."""
 
     _closed: bool
     _nclaims: int
-    _commits: int
-    _attempts: int
+    _counts: Counts
 
 
 class LocalCommitter:
     """The commit of the memory and SQLite stores: validate, apply and log under one lock."""
 
-    __slots__ = ("_host", "_log", "_tl")
+    __slots__ = ("_counts", "_encodes", "_host", "_log", "_tl")
 
     def __init__(self, timeline: Timeline, log: LogStorage, host: _Host) -> None:
         self._tl = timeline
         self._log = log
         self._host = host
+        self._counts = host._counts
+        #: whether the log takes encoded records (a constant of its class)
+        self._encodes = log.encodes
 
     def commit(self, request: CommitRequest) -> Committed:
         tl = self._tl
@@ -168,20 +185,22 @@ class LocalCommitter:
             request.finish()
             if log.failed is not None:
                 raise log.refusal()
-            if log.encodes:
+            encodes = self._encodes
+            if encodes:
                 changes_out = encode_changes(request)
                 entries = encode_outbox(request.outbox)
             # all values calculated, validated and encoded; no more client code runs below
             t += 1
             now = _time()
             changes, wake, watched = tl.apply(t, now, vals.items())
-            if log.encodes:
+            if encodes:
                 log.submit(t, CommitRecord(t, now, changes_out, entries))
             if request.pin:
                 tl.pin(t - 1)
                 tl.pin(t)
-            host._commits += 1
-            host._attempts += request.attempts
+            counts = self._counts
+            counts.commits += 1
+            counts.attempts += request.attempts
         return t, changes, wake, watched
 
 

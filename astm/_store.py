@@ -28,7 +28,7 @@ from . import _telemetry
 from ._agent import Agent, AgentFamily, ErrorMode
 from ._atom import Atom
 from ._backend import Waiter, spawn
-from ._commit import LocalCommitter, validate_value
+from ._commit import Counts, LocalCommitter, validate_value
 from ._db import Db, TxReport
 from ._errors import HistoryUnavailable, StorageError, StoreClosed, StoreMismatchError, SyncTimeout
 from ._markers import COLD, DELETED, Cold
@@ -173,8 +173,7 @@ class Store:
         self._overruns = 0
         self._overrun_warned = float("-inf")
         self._retry_limit = retry_limit
-        self._commits = 0
-        self._attempts = 0
+        self._counts = Counts()
         self._retries = 0
         self._faults = 0
         self._blocked = 0
@@ -701,8 +700,8 @@ class Store:
                 key=lambda kv: -kv[1],
             )[:10]
             return Stats(
-                self._commits,
-                self._attempts,
+                self._counts.commits,
+                self._counts.attempts,
                 self._retries,
                 self._faults,
                 self._blocked,

@@ -47,7 +47,7 @@ import anyio
 
 from . import _telemetry
 from ._backend import Waiter, spawn
-from ._commit import CommitRequest, Committer, validate_value
+from ._commit import CommitRequest, Committer, Counts, validate_value
 from ._db import Db, TxReport
 from ._errors import (
     CommuteConflictError,
@@ -130,8 +130,7 @@ class Host(Protocol):
     #: claims held past their deadline since the last warning, and when that was logged
     _overruns: int
     _overrun_warned: float
-    _commits: int
-    _attempts: int
+    _counts: Counts
     _retries: int
     _faults: int
     _blocked: int
@@ -761,7 +760,7 @@ async def run_transaction(
         st2 = tx.store
         if st2 is not None and not counted and not isinstance(exc, RetryLimitExceeded):
             with st2._timeline.lock:
-                st2._attempts += tx.attempts
+                st2._counts.attempts += tx.attempts
         raise
     finally:
         _current.reset(token)
@@ -806,7 +805,7 @@ async def _finish_read_only(tx: Transaction, result: Any, report: bool) -> Any:
     rep = None
     if store is not None:
         with store._timeline.lock:
-            store._attempts += tx.attempts
+            store._counts.attempts += tx.attempts
             if report:
                 store._timeline.pin(tx.rp)
         if report:
@@ -854,7 +853,7 @@ async def _after_conflict(tx: Transaction, c: _Conflict, retry_limit: int | None
     store._retries += 1
     if failures >= limit:
         with store._timeline.lock:
-            store._attempts += tx.attempts
+            store._counts.attempts += tx.attempts
         raise RetryLimitExceeded(failures, conflicts)
     if failures >= CLAIM_ALL_AFTER:
         to_claim: set[Ref[Any]] = set(tx.reads)

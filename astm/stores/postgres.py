@@ -58,7 +58,7 @@ import anyio.lowlevel
 
 from .. import codec
 from .._backend import Waiter, spawn
-from .._commit import CommitRequest, Committed, decode_row, encode_changes, encode_outbox, row_text
+from .._commit import CommitRequest, Committed, Counts, decode_row, encode_changes, encode_outbox, row_text
 from .._errors import CommitOutcomeUnknown, StorageError, _Conflict
 from .._ops import apply_calls, decode_calls
 from .._tx import run_watches
@@ -397,8 +397,7 @@ def _text_safe(text: str) -> str:
 class _Host(Protocol):
     """What a peer needs of its store: installing and applying logged commits, and the counters."""
 
-    _commits: int
-    _attempts: int
+    _counts: Counts
     _refs: MutableMapping[str, Ref[Any]]
 
     def _install(self, t: int, refs: list[tuple[str, int, Any]]) -> None: ...
@@ -1189,8 +1188,8 @@ class PostgresCommitter:
                     peer.host._touch(request.reads)
                     entry = tl.entry(t)
                     host = peer.host
-                    host._commits += 1
-                    host._attempts += request.attempts
+                    host._counts.commits += 1
+                    host._counts.attempts += request.attempts
                     if request.pin:
                         tl.pin(t - 1)
                         tl.pin(t)
