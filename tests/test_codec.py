@@ -116,6 +116,22 @@ def _same(a: Any, b: Any) -> bool:
     return True
 
 
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=_JSON)
+def test_compact_json_is_the_standard_encoders_text(data: Any) -> None:
+    """The codec's JSON writer (its C encoder made once) writes what ``json.JSONEncoder`` writes, NaN included."""
+    for ascii_only, ours in ((False, codec._dump_fast), (True, codec._dump_ascii)):
+        standard = json.JSONEncoder(ensure_ascii=ascii_only, separators=(",", ":")).encode(data)
+        assert ours(data) == standard
+
+
 class TestRoundTrip:
     @settings(max_examples=400, deadline=None)
     @given(values)
