@@ -15,8 +15,8 @@ from ._engine import mypyc_attr
 
 __all__ = ["COLD", "DELETED", "Cold", "Tombstone"]
 
-# The classes stay ordinary classes when the module is compiled; the constants become static,
-# read by the compiled engine without a dict lookup.
+# Compiled, only the constants change: they become static, read by the engine without a dict
+# lookup. The classes stay ordinary classes, so they pickle and copy exactly as before.
 
 #: the version of a ref that has no value here
 COLD: Final = sys.maxsize

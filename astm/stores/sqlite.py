@@ -14,8 +14,8 @@ version they apply to, so a commit costs what changed, not the size of the
 value. The ``refs`` table is a checkpoint of every ref's value at
 ``checkpoint_t``. A checkpoint waits until the log written since the last
 one holds as many bytes as that one wrote, so rewriting large values costs
-at most what their deltas cost. Checkpoints lag behind history retention: a checkpoint is
-written only at a ``t`` older than everything ``as_of`` and
+at most what their deltas cost. Checkpoints lag behind history retention: a
+checkpoint is written only at a ``t`` older than everything ``as_of`` and
 ``reports(since=...)`` may still ask for, so opening loads the checkpoint and
 replays every log row after it forward, which rebuilds that history exactly
 (whole values written again only at checkpoints, deltas applied to the very

@@ -226,7 +226,9 @@ def create_app(
         responses={404: PROBLEMS[404], 200: {"content": {"text/event-stream": {}}}},
         response_model=None,
     )
-    async def events(request: Request, store: StoreDep, show: Annotated[str, Query(max_length=64)] = "") -> Response:
+    async def events(
+        request: Request, store: StoreDep, show: Annotated[str, Query(max_length=SHOW_MAX)] = ""
+    ) -> Response:
         service = seats()
         await service.read(service.show, show)  # 404 for an unknown show
         seat_ref = service.seat_map(show)
