@@ -1,7 +1,8 @@
 """A child program for the crash-cycle and fault-injection tests: commits on a SQLite store and reports.
 
 Usage: python fault_child.py STORE_PATH --audit FILE [--state FILE] [--base ID] [--tasks N]
-[--commits N] [--pause S] [--history N] [--payload BYTES] [--stop-on-error] [--reopen] [--abandon]
+[--commits N] [--pause S] [--history N] [--payload BYTES] [--ledger N] [--stop-on-error] [--reopen]
+[--abandon]
 
 Every transaction has a unique int id ``x`` (``--base``, ``--base + 1``, ...); its
 plan (:func:`plan`, a pure function of ``x``) names the 2 of the 12 refs of
@@ -9,6 +10,10 @@ its epoch it appends ``x`` to (one with ``ref.alter(lambda v: v + (x,))``, logge
 value, the other with ``ref.alter(astm.conj, x)``, logged as a delta) and, for
 some ids, a brand new ref ``n<x>`` set to ``x``; it also enqueues ``x`` on the
 ``audit`` effect, whose handler appends ``t,seq,x`` to the audit file.
+With ``--ledger N`` every transaction also appends ``x`` to one shared
+``ledger`` ref, a pvector seeded with ``-N .. -1`` before the first commit
+(``alter(astm.conj, x)``: one small delta per commit against a large value,
+so the SQLite store's checkpoints wait for many commits).
 
 On stdout, one line each (written straight to fd 1, so nothing is buffered):
 
@@ -38,12 +43,14 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import sys
 import traceback
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
+from pyrsistent import pvector
 
 import astm
 
@@ -57,6 +64,8 @@ EPOCH_SPAN = 1_000_000
 NEW_REF_SHARE = 0.25
 #: the ref the padding of ``--payload`` goes to (the accounting ignores it)
 PAD = "pad"
+#: the shared ref of ``--ledger``: the seed ``-N .. -1``, then every committed id in commit order
+LEDGER = "ledger"
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,10 @@ async def _read_log(store: astm.Store, since: int) -> list[tuple[int, list[int]]
     if since >= store.t:
         return out
     async for rep in store.reports(since=since):
+        if all(change.ref.name == LEDGER for change in rep.changes):  # the ledger's seed
+            if rep.t >= store.t:
+                break
+            continue
         ids: set[int] = set()
         for change in rep.changes:
             name = change.ref.name
@@ -182,11 +195,12 @@ async def pending_entries(store: astm.Store) -> int:
     return int(store.outbox.pending)
 
 
-async def dump(store: astm.Store, stage: str, audit_file: str) -> dict[str, Any]:
+async def dump(store: astm.Store, stage: str, audit_file: str, path: str | None = None) -> dict[str, Any]:
     """The state of a freshly opened store: t, the K refs and new refs, the log's ids, the outbox.
 
     ``audit_size`` is the audit file's size before the dump: the deliveries it
     holds were made before this state was read, so the state must account for them.
+    With ``path``, ``checkpoint_t`` is the t of the checkpoint the file held.
     """
     audit_size = size_of(audit_file)
     refs: dict[str, Any] = {}
@@ -198,17 +212,29 @@ async def dump(store: astm.Store, stage: str, audit_file: str) -> dict[str, Any]
         else:
             others.append(name)
     oldest, log = await committed_log(store)
+    ledger = store.refs().get(LEDGER)
     return {
         "audit_size": audit_size,
         "stage": stage,
         "t": store.t,
+        "checkpoint_t": checkpoint_t(path) if path else None,
         "refs": refs,
+        "ledger": None if ledger is None else list(ledger.get()),
         "other_refs": others,
         "log_oldest": oldest,
         "log": log,
         "pending": await pending_entries(store),
         "dead": len(await store.outbox.dead_letters()),
     }
+
+
+def checkpoint_t(path: str) -> int:
+    """The t of the checkpoint in a store's file, on a read-only connection of its own (no checkpoint on close)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT value FROM astm_meta WHERE key = 'checkpoint_t'").fetchone()[0])
+    finally:
+        conn.close()
 
 
 def save(states: list[dict[str, Any]], state_file: str | None) -> None:
@@ -243,6 +269,8 @@ async def commit_all(store: astm.Store, audit: astm.Effect, args: argparse.Names
             own.set(x)
         if blob:
             store.ref(PAD, "").commute(lambda _: f"{x}:{blob}")
+        if args.ledger:
+            store.ref(LEDGER, None).alter(astm.conj, x)
         audit.enqueue(x)
 
     def applied(x: int) -> bool:
@@ -281,12 +309,26 @@ async def commit_all(store: astm.Store, audit: astm.Effect, args: argparse.Names
         watcher.cancel()
 
 
+async def seed_ledger(store: astm.Store, n: int) -> None:
+    """Set the ledger ref to ``-n .. -1`` unless it exists (one commit, not an acknowledged id)."""
+
+    def seed() -> None:
+        ledger: astm.Ref[Any] = store.ref(LEDGER, None)
+        if ledger.get() is None:
+            ledger.set(pvector(range(-n, 0)))
+
+    if LEDGER not in store.refs():
+        await store.transact(seed)
+
+
 async def run(args: argparse.Namespace) -> None:
     states: list[dict[str, Any]] = []
     store, audit = open_store(args.path, args.audit, args.history)
     async with store:
-        states.append(await dump(store, "open", args.audit))
+        states.append(await dump(store, "open", args.audit, args.path if args.ledger else None))
         save(states, args.state)
+        if args.ledger and args.commits:
+            await seed_ledger(store, args.ledger)
         emit("READY")
         if args.commits:
             await commit_all(store, audit, args)
@@ -296,7 +338,7 @@ async def run(args: argparse.Namespace) -> None:
     if args.reopen:
         again, _ = open_store(args.path, args.audit, args.history)
         async with again:
-            states.append(await dump(again, "reopen", args.audit))
+            states.append(await dump(again, "reopen", args.audit, args.path if args.ledger else None))
             save(states, args.state)
         emit(f"CLOSED {again.t}")
 
@@ -312,6 +354,7 @@ def main() -> int:
     parser.add_argument("--pause", type=float, default=0.0)
     parser.add_argument("--history", type=int, default=1000)
     parser.add_argument("--payload", type=int, default=0)
+    parser.add_argument("--ledger", type=int, default=0)
     parser.add_argument("--stop-on-error", action="store_true")
     parser.add_argument("--reopen", action="store_true")
     parser.add_argument("--abandon", action="store_true")

@@ -175,9 +175,14 @@ def read_deliveries(audit: Path, size: int | None = None) -> list[tuple[int, int
 
 
 class Ledger:
-    """Every acknowledged commit (id and t) and every error, across all children of one test."""
+    """Every acknowledged commit (id and t) and every error, across all children of one test.
 
-    def __init__(self) -> None:
+    ``seed`` is the children's ``--ledger``: the shared ledger ref must then
+    hold ``-seed .. -1`` followed by every committed id once, in commit order.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
         self.acked: dict[int, int] = {}
         #: id -> the error its transaction raised
         self.errors: dict[int, dict[str, Any]] = {}
@@ -264,9 +269,38 @@ class Ledger:
         if bad_log:
             problems.append(f"the log disagrees: {_some(bad_log)}")
 
+        if self.seed:
+            problems.extend(self.check_ledger(state.get("ledger"), present))
         if deliveries is not None:
             problems.extend(self.check_deliveries(state, deliveries, present, log_ids))
         return problems
+
+    def check_ledger(self, ledger: list[int] | None, present: set[int]) -> list[str]:
+        """The shared ledger: its seed intact, then exactly the committed ids, acknowledged ones in t order."""
+        if ledger is None:
+            return [f"the ledger ref is gone, with {len(present)} ids committed"] if present else []
+        bad: list[str] = []
+        head, tail, seed = ledger[: self.seed], ledger[self.seed :], list(range(-self.seed, 0))
+        if head != seed:
+            at = next((i for i, (a, b) in enumerate(zip(head, seed, strict=False)) if a != b), len(head))
+            bad.append(f"its seed of {self.seed} entries is damaged from index {at} (holds {len(head)} of them)")
+        counts = Counter(tail)
+        twice = sorted(x for x, n in counts.items() if n > 1)
+        if twice:
+            bad.append(f"ids there more than once: {twice[:SHOW]}")
+        missing = sorted(present - set(counts))
+        if missing:
+            bad.append(f"{len(missing)} committed ids missing from it: {missing[:SHOW]}")
+        extra = sorted(set(counts) - present)
+        if extra:
+            bad.append(f"{len(extra)} ids there whose transaction is not in its refs: {extra[:SHOW]}")
+        acked = [x for x in tail if x in self.acked]
+        ts = [self.acked[x] for x in acked]
+        pairs = zip(acked, acked[1:], ts, ts[1:], strict=False)
+        out_of_order = [f"id {a} (t={s}) before id {b} (t={u})" for a, b, s, u in pairs if s > u]
+        if out_of_order:
+            bad.append(f"acknowledged ids out of commit order: {_some(out_of_order)}")
+        return [f"the ledger disagrees: {'; '.join(bad)}"] if bad else []
 
     def check_deliveries(
         self,

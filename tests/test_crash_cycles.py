@@ -17,12 +17,18 @@ committed entry was delivered.
 
 Variants: checkpoints every 7 commits (the child sets the SQLite store's
 ``CHECKPOINT_EVERY`` from ASTM_TEST_CHECKPOINT_EVERY) with the whole log
-retained; the store's defaults; and checkpoints every 7 commits with only 5
-commits of history, so checkpoints also delete log rows.
+retained; the store's defaults; checkpoints every 7 commits with only 5
+commits of history, so checkpoints also delete log rows; and the last with a
+large ledger: every transaction also appends its id to one shared pvector
+seeded with 20,000 entries, so each commit logs a small delta against a large
+value and a checkpoint waits until the log since the last one outweighs it
+(hundreds of commits). The kills then land while the file holds a checkpoint
+far behind and a long tail of deltas; the ledger must come back as its seed
+followed by every committed id once, in commit order, and the test checks
+that openings did replay long tails and that checkpoints did move.
 
-The default run takes under a minute (81 cycles over the three variants: 44
-SIGKILLs, 22 clean closes, 15 openings without commits). ``ASTM_SOAK=1`` runs
-ten times as many cycles (about 15 minutes)::
+The default run takes about a minute and a half (99 cycles over the four
+variants). ``ASTM_SOAK=1`` runs ten times as many cycles (about 20 minutes)::
 
     ASTM_SOAK=1 .venv/bin/pytest tests/test_crash_cycles.py
 """
@@ -52,12 +58,15 @@ class Variant:
     checkpoint_every: int | None
     history: int
     cycles: int
+    #: the child's --ledger: the size of the shared pvector's seed (0: no ledger)
+    ledger: int = 0
 
 
 VARIANTS = [
     Variant("checkpoint-every-7", 7, 10**9, 30),
     Variant("default-checkpoint", None, 1000, 18),
     Variant("checkpoint-every-7-history-5", 7, 5, 18),
+    Variant("large-ledger-history-5", 7, 5, 18, ledger=20_000),
 ]
 
 
@@ -82,8 +91,10 @@ class Cycles:
         self.env = (
             {} if variant.checkpoint_every is None else {"ASTM_TEST_CHECKPOINT_EVERY": str(variant.checkpoint_every)}
         )
-        self.ledger = Ledger()
+        self.ledger = Ledger(seed=variant.ledger)
         self.done: list[str] = []
+        #: per opening after commits: (commits the opening replayed past the file's checkpoint, that checkpoint's t)
+        self.replayed: list[tuple[int, int]] = []
         self.kills = 0
         self.closes = 0
         self.openings = 0
@@ -97,6 +108,7 @@ class Cycles:
             str(self.state),
             "--history",
             str(self.variant.history),
+            *(["--ledger", str(self.variant.ledger)] if self.variant.ledger else []),
             *extra,
         ]
 
@@ -118,6 +130,8 @@ class Cycles:
             problems = self.ledger.check(state, read_deliveries(self.audit, state["audit_size"]))
             if problems:
                 self.fail(f"{what}, opening {i + 1} ({state['stage']})", problems)
+            if state.get("checkpoint_t") is not None and state["t"]:
+                self.replayed.append((state["t"] - state["checkpoint_t"], state["checkpoint_t"]))
         if child.out.fatal is not None:
             self.fail(what, [f"the child failed after opening: {child.summary()}"])
         return states
@@ -188,3 +202,10 @@ def test_sigkill_cycles_lose_no_acknowledged_commit(tmp_path: Path, variant: Var
         f"{cycles.openings} openings checked, {len(cycles.ledger.acked)} acknowledged commits"
     )
     assert cycles.kills >= variant.cycles // 2 and len(cycles.ledger.acked) > 20 * variant.cycles
+    if variant.ledger:
+        longest = max(n for n, _ in cycles.replayed)
+        moved = len({t for _, t in cycles.replayed})
+        print(f"{variant.name}: openings replayed up to {longest} commits past the checkpoint, {moved} checkpoints")
+        # without the wait for the log to outweigh the checkpoint, one would follow every 7 commits past retention
+        assert longest > 100, f"no opening replayed a long tail of deltas: {cycles.replayed}"
+        assert moved >= 3, f"the checkpoint did not move during the run: {cycles.replayed}"
