@@ -1,10 +1,12 @@
 """A child program for the crash-cycle and fault-injection tests: commits on a SQLite store and reports.
 
-Usage: python fault_child.py STORE_PATH --audit FILE [--state FILE] [--base ID] [--tasks N]
+Usage: python fault_child.py STORE --audit FILE [--state FILE] [--base ID] [--tasks N]
 [--commits N] [--pause S] [--history N] [--payload BYTES] [--ledger N] [--stop-on-error] [--reopen]
 [--abandon]
 
-Every transaction has a unique int id ``x`` (``--base``, ``--base + 1``, ...); its
+``STORE`` is a SQLite file's path or a PostgreSQL DSN (``postgresql://...``:
+then several children may commit at once, as peers, and a state dump reads
+every ref the database holds). Every transaction has a unique int id ``x`` (``--base``, ``--base + 1``, ...); its
 plan (:func:`plan`, a pure function of ``x``) names the 2 of the 12 refs of
 its epoch it appends ``x`` to (one with ``ref.alter(lambda v: v + (x,))``, logged as a whole
 value, the other with ``ref.alter(astm.conj, x)``, logged as a delta) and, for
@@ -132,9 +134,14 @@ def configure() -> None:
         setattr(sqlite, "CHECKPOINT_EVERY", int(every))  # noqa: B010 - robust to the constant becoming Final
 
 
+def is_postgres(path: str) -> bool:
+    """Whether the child's STORE is a PostgreSQL DSN (else a SQLite file's path)."""
+    return path.startswith(("postgresql://", "postgres://"))
+
+
 def open_store(path: str, audit_file: str, history: int) -> tuple[astm.Store, astm.Effect]:
     """The store with the audit effect registered."""
-    store = astm.Store(f"sqlite:///{path}", history=history)
+    store = astm.Store(path if is_postgres(path) else f"sqlite:///{path}", history=history)
     fd = os.open(audit_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     @store.effect("audit", backoff=0.001)
@@ -203,6 +210,8 @@ async def dump(store: astm.Store, stage: str, audit_file: str, path: str | None 
     With ``path``, ``checkpoint_t`` is the t of the checkpoint the file held.
     """
     audit_size = size_of(audit_file)
+    if is_postgres(store.url):
+        await load_every_ref(store)
     refs: dict[str, Any] = {}
     others: list[str] = []
     for name, ref in store.refs().items():
@@ -226,6 +235,19 @@ async def dump(store: astm.Store, stage: str, audit_file: str, path: str | None 
         "pending": await pending_entries(store),
         "dead": len(await store.outbox.dead_letters()),
     }
+
+
+async def load_every_ref(store: astm.Store) -> None:
+    """Have a PostgreSQL peer hold every ref of the test that the database holds (names read from its table)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(store.url)
+    try:
+        names = [r["name"] for r in await conn.fetch("SELECT name FROM astm_refs")]
+    finally:
+        await conn.close()
+    wanted = [n for n in names if is_k_ref(n) or is_new_ref(n) or n == LEDGER]
+    await store.load(*(store.ref(n, None) for n in wanted))
 
 
 def checkpoint_t(path: str) -> int:
