@@ -345,9 +345,10 @@ async def seed_ledger(store: astm.Store, n: int) -> None:
 
 async def run(args: argparse.Namespace) -> None:
     states: list[dict[str, Any]] = []
+    sqlite_file = args.path if args.ledger and not is_postgres(args.path) else None  # for checkpoint_t
     store, audit = open_store(args.path, args.audit, args.history)
     async with store:
-        states.append(await dump(store, "open", args.audit, args.path if args.ledger else None))
+        states.append(await dump(store, "open", args.audit, sqlite_file))
         save(states, args.state)
         if args.ledger and args.commits:
             await seed_ledger(store, args.ledger)
@@ -360,7 +361,7 @@ async def run(args: argparse.Namespace) -> None:
     if args.reopen:
         again, _ = open_store(args.path, args.audit, args.history)
         async with again:
-            states.append(await dump(again, "reopen", args.audit, args.path if args.ledger else None))
+            states.append(await dump(again, "reopen", args.audit, sqlite_file))
             save(states, args.state)
         emit(f"CLOSED {again.t}")
 

@@ -14,7 +14,14 @@ leases of entries claimed by killed peers are let run out (as 30 seconds
 would), a peer opens and closes cleanly, and every committed entry must have
 been delivered.
 
-The default run takes about 40 seconds (10 cycles, 30 peers, most of them
+A second variant has every transaction also append its id to one shared
+pvector seeded with 2,000 entries: every commit conflicts with every other
+peer's, each logs a delta against the value, and the store sends the value
+whole again after every 125 deltas, so kills land in long and in fresh delta
+chains; the ledger must hold its seed, then every committed id once, in
+commit order.
+
+Each variant takes about 25 seconds (10 cycles, 30 peers, most of them
 killed); ``ASTM_SOAK=1`` runs six times as many cycles.
 """
 
@@ -52,11 +59,12 @@ async def _expire_leases(dsn: str) -> int:
 
 
 class PeerCycles:
-    def __init__(self, dsn: str, tmp_path: Path) -> None:
+    def __init__(self, dsn: str, tmp_path: Path, ledger: int) -> None:
         self.dsn = dsn
+        self.extra = ["--ledger", str(ledger)] if ledger else []
         self.audit = tmp_path / "audit.txt"
         self.state = tmp_path / "state.json"
-        self.ledger = Ledger()
+        self.ledger = Ledger(seed=ledger)
         self.kills = 0
         self.closes = 0
         self.cycle = 0
@@ -71,10 +79,13 @@ class PeerCycles:
     def run(self, rng: random.Random) -> None:
         """One cycle: three peers commit together, then each is killed or closed, a moment apart."""
         common = [self.dsn, "--audit", str(self.audit), "--tasks", "4", "--commits", "-1", "--pause", "0.01"]
+        common += self.extra
         peers = [Child([*common, "--base", str(self.cycle * CYCLE_SPAN + p * PEER_SPAN)]) for p in range(PEERS)]
         for peer in peers:
             if not peer.wait_ready():
-                peer.finish()
+                for other in peers:
+                    other.kill()
+                    other.finish()
                 self.fail("start", [f"a peer did not open: {peer.summary()}"])
         for peer in peers:
             peer.wait_first_ack()
@@ -106,7 +117,7 @@ class PeerCycles:
     def check(self, *extra: str) -> list[dict[str, object]]:
         """A fresh peer opens and dumps what it finds; each state is checked against the ledger."""
         self.state.unlink(missing_ok=True)
-        child = run_child([self.dsn, "--audit", str(self.audit), "--state", str(self.state), *extra])
+        child = run_child([self.dsn, "--audit", str(self.audit), "--state", str(self.state), *self.extra, *extra])
         states = load_states(self.state)
         if not states or child.out.fatal is not None or child.proc.returncode != 0:
             self.fail("check", [f"the checking peer failed: {child.summary()}"])
@@ -118,10 +129,11 @@ class PeerCycles:
 
 
 @pytest.mark.timeout(1800 if SOAK else 300)
-def test_sigkilled_peers_lose_no_acknowledged_commit(pg_dsn: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ledger", [0, 2_000], ids=["refs", "shared-ledger"])
+def test_sigkilled_peers_lose_no_acknowledged_commit(pg_dsn: str, tmp_path: Path, ledger: int) -> None:
     """Concurrent peers killed at random: after each cycle every acknowledged commit is there, whole and once."""
-    rng = random.Random(f"pg-cycles-{SOAK}")
-    cycles = PeerCycles(pg_dsn, tmp_path)
+    rng = random.Random(f"pg-cycles-{ledger}-{SOAK}")
+    cycles = PeerCycles(pg_dsn, tmp_path, ledger)
     for cycle in range(CYCLES):
         cycles.cycle = cycle
         cycles.run(rng)
