@@ -21,7 +21,7 @@ whole again after every 125 deltas, so kills land in long and in fresh delta
 chains; the ledger must hold its seed, then every committed id once, in
 commit order.
 
-Each variant takes about 25 seconds (10 cycles, 30 peers, most of them
+Each variant takes about 20 seconds (8 cycles, 24 peers, most of them
 killed); ``ASTM_SOAK=1`` runs six times as many cycles.
 """
 
@@ -41,7 +41,7 @@ from .fault_ledger import Child, Ledger, load_states, read_deliveries, run_child
 
 SOAK = bool(os.environ.get("ASTM_SOAK"))
 PEERS = 3
-CYCLES = 60 if SOAK else 10
+CYCLES = 48 if SOAK else 8
 #: ids of one peer of a cycle start at ``cycle * CYCLE_SPAN + peer * PEER_SPAN``
 PEER_SPAN = CYCLE_SPAN // PEERS
 
