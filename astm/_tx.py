@@ -314,25 +314,17 @@ class Transaction:
         if vals is _SEALED:
             vals[ref] = value  # raises
         check_value(value, ref.name)
-        if ref._store is not self.store:
-            self._bind(ref)
-        if self.commutes is not None and ref in self.commutes:
-            raise CommuteConflictError(ref.name)
-        reads = self.reads
-        if ref not in reads:
-            if ref._cur[0] > self.rp:
-                self._stale_checked(ref)
-            reads.add(ref)
-        vals[ref] = value
-        ops = self.ops
-        if ops is not None and ref in ops:
-            ops[ref] = None
+        self._overwrite(ref, value)
         return value
 
     def delete(self, ref: Ref[Any]) -> None:
         vals = self.vals
         if vals is _SEALED:
             vals[ref] = DELETED  # raises
+        self._overwrite(ref, DELETED)
+
+    def _overwrite(self, ref: Ref[Any], value: Any) -> None:
+        """``set`` and ``delete``: a write that does not depend on the value (still a read of the version)."""
         if ref._store is not self.store:
             self._bind(ref)
         if self.commutes is not None and ref in self.commutes:
@@ -342,7 +334,7 @@ class Transaction:
             if ref._cur[0] > self.rp:
                 self._stale_checked(ref)
             reads.add(ref)
-        vals[ref] = DELETED
+        self.vals[ref] = value
         ops = self.ops
         if ops is not None and ref in ops:
             ops[ref] = None
