@@ -250,8 +250,9 @@ class Seats:
             raise Unavailable(f"{taken_text} already taken; pick free seats", show=show_id, seats=clash)
         seat_map.alter(astm.conj, *((s, customer) for s in seats))
         self.holdings(customer).alter(astm.conj, *((show_id, s) for s in seats))
-        for s in seats:
-            self.sales.commute(astm.conj, pmap({"kind": "sale", "show": show_id, "seat": s, "customer": customer}))
+        self.sales.commute(
+            astm.conj, *(pmap({"kind": "sale", "show": show_id, "seat": s, "customer": customer}) for s in seats)
+        )
         self.send_confirmation.enqueue(
             pmap({"kind": "confirmation", "show": show_id, "seats": tuple(seats), "customer": customer})
         )
@@ -277,8 +278,9 @@ class Seats:
             )
         seat_map.alter(astm.dissoc, *seats)
         self.holdings(customer).alter(astm.disj, *((show_id, s) for s in seats))
-        for s in seats:
-            self.sales.commute(astm.conj, pmap({"kind": "refund", "show": show_id, "seat": s, "customer": customer}))
+        self.sales.commute(
+            astm.conj, *(pmap({"kind": "refund", "show": show_id, "seat": s, "customer": customer}) for s in seats)
+        )
         return {"show": show_id, "customer": customer, "cancelled": list(seats)}
 
     async def _once(self, key: str | None, request: tuple[Any, ...], fn: Any, *args: Any) -> tuple[int, dict[str, Any]]:
