@@ -174,6 +174,16 @@ def read_deliveries(audit: Path, size: int | None = None) -> list[tuple[int, int
     return out
 
 
+def said_not_committed(error: dict[str, Any]) -> bool:
+    """Whether a transaction's error (as the child described it) says it was not committed.
+
+    An astm error other than ``CommitOutcomeUnknown`` means the commit did not
+    happen (a conflict limit, a refused or fenced commit): the id must then be
+    absent. An unknown outcome may go either way.
+    """
+    return bool(error.get("astm")) and not error.get("type", "").endswith(".CommitOutcomeUnknown")
+
+
 class Ledger:
     """Every acknowledged commit (id and t) and every error, across all children of one test.
 
@@ -269,6 +279,9 @@ class Ledger:
         if bad_log:
             problems.append(f"the log disagrees: {_some(bad_log)}")
 
+        refused = sorted(x for x, e in self.errors.items() if x in present and said_not_committed(e))
+        if refused:
+            problems.append(f"transactions that raised 'not committed' are committed: ids {refused[:SHOW]}")
         if self.seed:
             problems.extend(self.check_ledger(state.get("ledger"), present))
         if deliveries is not None:

@@ -162,3 +162,18 @@ def test_an_undelivered_commit_is_reported_after_a_clean_close() -> None:
     ledger, state, deliveries = good_state()
     problems = ledger.check_all_delivered(state, [d for d in deliveries if d[2] != 9])
     assert problems == ["1 committed ids were never delivered: [9]"]
+
+
+def test_a_commit_said_not_committed_is_reported_and_an_unknown_outcome_is_not() -> None:
+    ledger, state, _ = good_state()
+    x = 99  # raised, never acknowledged, yet whole in the state
+    for name in plan(x).refs:
+        state["refs"].setdefault(name, []).append(x)
+    if plan(x).new_ref is not None:
+        state["refs"][plan(x).new_ref] = x
+    state["ledger"].append(x)
+    unknown = {"type": "astm._errors.CommitOutcomeUnknown", "astm": True, "message": "its outcome is unknown"}
+    ledger.errors[x] = unknown
+    assert ledger.check(state) == []
+    ledger.errors[x] = {**unknown, "type": "astm._errors.StorageError", "message": "it was not committed"}
+    assert any("raised 'not committed' are committed: ids [99]" in p for p in ledger.check(state))

@@ -14,6 +14,12 @@ leases of entries claimed by killed peers are let run out (as 30 seconds
 would), a peer opens and closes cleanly, and every committed entry must have
 been delivered.
 
+Another test crashes the server itself (``pg_ctl stop -m immediate``: no
+shutdown checkpoint, WAL recovery on restart) in the middle of every cycle,
+restarts it and waits until every peer commits again; a transaction may then
+raise only a ``StorageError``, and one that raised anything but
+``CommitOutcomeUnknown`` (which may go either way) must not be committed.
+
 A second variant has every transaction also append its id to one shared
 pvector seeded with 2,000 entries: every commit conflicts with every other
 peer's, each logs a delta against the value, and the store sends the value
@@ -31,10 +37,14 @@ import os
 import random
 import signal
 import time
+import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
+
+from astm.testing import Cluster
 
 from .fault_child import CYCLE_SPAN
 from .fault_ledger import Child, Ledger, load_states, read_deliveries, run_child
@@ -42,6 +52,8 @@ from .fault_ledger import Child, Ledger, load_states, read_deliveries, run_child
 SOAK = bool(os.environ.get("ASTM_SOAK"))
 PEERS = 3
 CYCLES = 48 if SOAK else 8
+#: cycles of the server-crash test
+CRASHES = 24 if SOAK else 4
 #: ids of one peer of a cycle start at ``cycle * CYCLE_SPAN + peer * PEER_SPAN``
 PEER_SPAN = CYCLE_SPAN // PEERS
 
@@ -58,9 +70,18 @@ async def _expire_leases(dsn: str) -> int:
         await conn.close()
 
 
+def _a_storage_error(error: dict[str, Any]) -> bool:
+    """An error a lost server may cause: a StorageError (not committed) or CommitOutcomeUnknown (a subclass)."""
+    return bool(error["astm"]) and error["type"].rsplit(".", 1)[-1] in ("StorageError", "CommitOutcomeUnknown")
+
+
 class PeerCycles:
-    def __init__(self, dsn: str, tmp_path: Path, ledger: int) -> None:
+    def __init__(self, dsn: str, tmp_path: Path, ledger: int, server: Cluster | None = None) -> None:
         self.dsn = dsn
+        #: the cluster to crash (``pg_ctl stop -m immediate``) and restart in the middle of every cycle
+        self.server = server
+        self.crashes = 0
+        self.raised = 0
         self.extra = ["--ledger", str(ledger)] if ledger else []
         self.audit = tmp_path / "audit.txt"
         self.state = tmp_path / "state.json"
@@ -90,6 +111,8 @@ class PeerCycles:
         for peer in peers:
             peer.wait_first_ack()
         time.sleep(rng.uniform(0.05, 0.6))
+        if self.server is not None:
+            self.crash_server(peers, rng)
         killed = set()
         for i in rng.sample(range(PEERS), PEERS):
             if rng.random() < 0.75:
@@ -101,8 +124,11 @@ class PeerCycles:
         for i, peer in enumerate(peers):
             rc = peer.finish()
             self.ledger.take(peer.out)
-            if peer.out.errors or peer.out.fatal is not None:
-                self.fail("commit", [f"peer {i} failed: {peer.summary()}"])
+            unclear = [e for e in peer.out.errors.values() if not _a_storage_error(e)]
+            if peer.out.fatal is not None or unclear or (peer.out.errors and self.server is None):
+                detail = [f"{x}: {e['type']}: {e['message']}\n{e['traceback']}" for x, e in peer.out.errors.items()][:1]
+                self.fail("commit", [f"peer {i} failed: {peer.summary()}", *detail])
+            self.raised += len(peer.out.errors)
             if i in killed:
                 if rc != -signal.SIGKILL:
                     self.fail("kill", [f"peer {i} was not killed: {peer.summary()}"])
@@ -113,6 +139,20 @@ class PeerCycles:
                 self.closes += 1
         if self.ledger.problems:
             self.fail("acknowledgements", self.ledger.problems)
+
+    def crash_server(self, peers: list[Child], rng: random.Random) -> None:
+        """Crash PostgreSQL under the committing peers, restart it, and wait until each peer commits again."""
+        assert self.server is not None
+        self.server.stop("immediate")
+        self.crashes += 1
+        time.sleep(rng.uniform(0.1, 0.8))
+        self.server.start()
+        before = [len(peer.out.acked) for peer in peers]
+        deadline = time.monotonic() + 30
+        while any(len(p.out.acked) <= n for p, n in zip(peers, before, strict=True)):
+            if time.monotonic() > deadline:
+                self.fail("restart", ["peers did not commit again within 30 s of the restart"])
+            time.sleep(0.05)
 
     def check(self, *extra: str) -> list[dict[str, object]]:
         """A fresh peer opens and dumps what it finds; each state is checked against the ledger."""
@@ -126,6 +166,28 @@ class PeerCycles:
             if problems:
                 self.fail(f"check ({state['stage']})", problems)
         return states
+
+
+@pytest.mark.timeout(1800 if SOAK else 300)
+def test_a_crashed_server_loses_no_acknowledged_commit(pg_dsn: str, tmp_path: Path) -> None:
+    """PostgreSQL crashed (immediate shutdown) under committing peers, restarted: nothing acknowledged is lost,
+    and no transaction that raised "not committed" is there."""
+    data = os.environ.get("ASTM_TEST_PG_DATA")
+    if not data:
+        pytest.skip("needs the throwaway cluster (not ASTM_TEST_POSTGRES_DSN) to crash the server")
+    port = urllib.parse.urlsplit(pg_dsn).port
+    assert port is not None
+    rng = random.Random(f"pg-server-crash-{SOAK}")
+    cycles = PeerCycles(pg_dsn, tmp_path, 0, server=Cluster.existing(Path(data), port))
+    for cycle in range(CRASHES):
+        cycles.cycle = cycle
+        cycles.run(rng)
+        cycles.check()
+    print(
+        f"{CRASHES} server crashes: {cycles.kills} peers killed, {len(cycles.ledger.acked)} acknowledged commits, "
+        f"{cycles.raised} transactions raised a StorageError"
+    )
+    assert cycles.crashes == CRASHES and len(cycles.ledger.acked) > 20 * CRASHES
 
 
 @pytest.mark.timeout(1800 if SOAK else 300)

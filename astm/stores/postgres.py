@@ -50,7 +50,7 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Collection, Hashable, Iterable, MutableMapping
+from collections.abc import Collection, Hashable, Iterable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -628,8 +628,25 @@ class PostgresStorage:
         """The names of the stored refs that start with ``prefix``."""
         pool = self.require_pool()
         pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        async with pool.acquire() as conn:
-            return [r["name"] for r in await conn.fetch("SELECT name FROM astm_refs WHERE name LIKE $1", pattern)]
+        with self._reading(f"the names of the refs starting with {prefix!r}"):
+            async with pool.acquire() as conn:
+                return [r["name"] for r in await conn.fetch("SELECT name FROM astm_refs WHERE name LIKE $1", pattern)]
+
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Reads from PostgreSQL outside a commit: a lost server is a StorageError, and nothing was committed.
+
+        A cache miss inside a transaction reads through here; the transaction
+        ends with this error before it commits anything.
+        """
+        try:
+            yield
+        except _connection_errors() as exc:
+            raise StorageError(
+                self.where(),
+                f"the connection to PostgreSQL was lost while reading {what} ({exc!r}); nothing was committed",
+                "it is safe to run the transaction again once the server answers",
+            ) from exc
 
     async def load(self, refs: list[Ref[Any]]) -> None:
         """Read refs this peer does not hold, in one query, at one snapshot; they join the cache.
@@ -648,8 +665,13 @@ class PostgresStorage:
         cold = self.host._cold(refs)
         if not cold:
             return
-        pool = self.require_pool()
         names = sorted({r.name for r in cold})
+        shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        with self._reading(f"the refs {shown}"):
+            await self._load_cold(cold, names)
+
+    async def _load_cold(self, cold: list[Ref[Any]], names: list[str]) -> None:
+        pool = self.require_pool()
         if await self._load_from_replica(cold, names):
             return
         async with self._catching_up:
