@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import anyio
 
 from ._backend import Waiter, spawn
-from ._errors import StoreClosed
+from ._errors import StorageError, StoreClosed
 from ._tx import current_for
 from ._values import check_value
 from .abc import Key, OutboxEntry, OutboxStorage
@@ -269,22 +269,22 @@ class Outbox:
                             entry.attempts,
                             exc,
                         )
-                        await storage.dead(entry, repr(exc))
+                        await self._settle(storage.dead, entry, repr(exc))
                     else:
                         delay = backoff_delay(eff.backoff, eff.max_backoff, entry.attempts)
-                        await storage.retry(entry, repr(exc), delay)
+                        await self._settle(storage.retry, entry, repr(exc), delay)
                 else:
-                    await storage.done(entry)
+                    await self._settle(storage.done, entry)
                     with self._lock:
                         self._delivered += 1
                     return
                 return
             # cancelled (the store is closing, or the loop is ending): hand the entry back
             with anyio.CancelScope(shield=True):
-                await storage.retry(entry, "the delivery was cancelled", 0.0)
+                await self._settle(storage.retry, entry, "the delivery was cancelled", 0.0)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await storage.retry(entry, "the delivery was cancelled", 0.0)
+                await self._settle(storage.retry, entry, "the delivery was cancelled", 0.0)
             raise
         finally:
             with self._lock:
@@ -294,6 +294,14 @@ class Outbox:
             for w in finished:
                 w.fire()
             self.kick()
+
+    @staticmethod
+    async def _settle(record: Callable[..., Awaitable[None]], entry: OutboxEntry, *args: Any) -> None:
+        """Record a delivery's outcome; a storage that fails here loses nothing (the entry comes again)."""
+        try:
+            await record(entry, *args)
+        except StorageError as exc:
+            log.warning("outbox entry %s (%r): %s", entry.key, entry.effect, exc)
 
     # -- public ----------------------------------------------------------------------------
 

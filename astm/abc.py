@@ -121,7 +121,9 @@ class OutboxStorage(Protocol):
     ``claim`` hands out entries that are due, at most one in flight per order
     key and never one while an earlier entry of its order key is pending.
     Every claimed entry comes back through exactly one of ``done``, ``retry``
-    or ``dead``.
+    or ``dead``. One of those that cannot reach its storage raises
+    :class:`~astm.StorageError` and must lose nothing: the entry stays claimed
+    until its claim ends, then it is delivered again (at least once).
     """
 
     def committed(self, t: int, entries: list[tuple[str, Any, Hashable | None]]) -> None:

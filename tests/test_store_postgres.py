@@ -617,6 +617,61 @@ class TestServerRestart:
             await s.load(*accounts)
             assert sum(a.get() for a in accounts) == START * ACCOUNTS
 
+    async def test_an_outbox_delivery_across_a_restart_is_delivered_again(
+        self, pg_dsn: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The server lost while a handler runs: the outcome cannot be recorded, nothing crashes, the outbox's
+        reads raise a StorageError meanwhile, and once the claim ends the entry is delivered again."""
+        data = os.environ.get("ASTM_TEST_PG_DATA")
+        if not data:
+            pytest.skip("needs the throwaway cluster (not ASTM_TEST_POSTGRES_DSN) to restart the server")
+        from astm.testing import Cluster
+
+        cluster = Cluster.existing(Path(data), int(pg_dsn.rsplit(":", 1)[1].split("/")[0]))
+        calls: list[Key] = []
+        entered, release = anyio.Event(), anyio.Event()
+        async with astm.Store(pg_dsn) as store:
+
+            @store.effect("restart-mail", backoff=0.01, max_attempts=30)
+            async def mail(payload: str, *, key: Key) -> None:
+                calls.append(key)
+                if len(calls) == 1:
+                    entered.set()
+                    await release.wait()
+
+            n = store.ref("restart-outbox", 0)
+
+            def body() -> None:
+                n.alter(lambda v: v + 1)
+                mail.enqueue("hello")
+
+            await store.atomically(body)
+            with anyio.fail_after(10):
+                await entered.wait()
+            await anyio.to_thread.run_sync(lambda: cluster.stop("fast"))
+            try:
+                with pytest.raises(astm.StorageError, match="lost while counting the pending outbox entries"):
+                    await store.outbox.pending_count()
+                with pytest.raises(astm.StorageError, match="lost while reading the outbox's dead letters"):
+                    await store.outbox.dead_letters()
+                with caplog.at_level("WARNING", logger="astm"):
+                    release.set()  # the delivery ends while the server is down: done() cannot be recorded
+                    with anyio.fail_after(10):
+                        while not any("delivered again" in r.getMessage() for r in caplog.records):
+                            await anyio.sleep(0.02)
+            finally:
+                await anyio.to_thread.run_sync(cluster.start)
+            conn = await asyncpg.connect(pg_dsn)
+            try:  # end the claim now, as its expiry would
+                await conn.execute("UPDATE astm_outbox SET locked_until = now() WHERE locked_until > now()")
+            finally:
+                await conn.close()
+            with anyio.fail_after(30):
+                await store.outbox.drain()
+            assert calls == [calls[0], calls[0]], "delivered again under the same key, once"
+            assert await store.outbox.pending_count() == 0
+            assert await store.outbox.dead_letters() == []
+
 
 class TestSeatService:
     def test_four_workers_share_the_seats(self, pg_dsn: str, tmp_path: Path) -> None:

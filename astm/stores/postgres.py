@@ -632,20 +632,26 @@ class PostgresStorage:
             async with pool.acquire() as conn:
                 return [r["name"] for r in await conn.fetch("SELECT name FROM astm_refs WHERE name LIKE $1", pattern)]
 
-    @contextlib.contextmanager
-    def _reading(self, what: str) -> Iterator[None]:
+    def _reading(self, what: str) -> contextlib.AbstractContextManager[None]:
         """Reads from PostgreSQL outside a commit: a lost server is a StorageError, and nothing was committed.
 
         A cache miss inside a transaction reads through here; the transaction
         ends with this error before it commits anything.
         """
+        return self.lost_server(
+            f"reading {what}",
+            "nothing was committed",
+            "it is safe to run the transaction again once the server answers",
+        )
+
+    @contextlib.contextmanager
+    def lost_server(self, doing: str, outcome: str, fix: str) -> Iterator[None]:
+        """A lost or restarting server while ``doing`` something is a StorageError that says ``outcome``."""
         try:
             yield
         except _connection_errors() as exc:
             raise StorageError(
-                self.where(),
-                f"the connection to PostgreSQL was lost while reading {what} ({exc!r}); nothing was committed",
-                "it is safe to run the transaction again once the server answers",
+                self.where(), f"the connection to PostgreSQL was lost while {doing} ({exc!r}); {outcome}", fix
             ) from exc
 
     async def load(self, refs: list[Ref[Any]]) -> None:
@@ -1398,39 +1404,54 @@ class PostgresOutbox:
             OutboxEntry((r["t"], r["seq"]), r["effect"], codec.loads(r["payload"]), None, r["attempts"]) for r in rows
         ]
 
-    async def _execute(self, query: str, *args: Any) -> str:
+    async def _execute(self, query: str, *args: Any, doing: str, outcome: str, fix: str = "") -> str:
         pool = self._peer.require_pool()
-        async with pool.acquire() as conn:
-            return str(await conn.execute(query, *args))
+        with self._peer.lost_server(doing, outcome, fix):
+            async with pool.acquire() as conn:
+                return str(await conn.execute(query, *args))
+
+    async def _settle(self, entry: OutboxEntry, query: str, *args: Any) -> None:
+        """Record what became of a claimed entry; with the server lost, its lease runs out and it comes again."""
+        await self._execute(
+            query,
+            *entry.key,
+            *args,
+            doing=f"recording what became of outbox entry {entry.key} ({entry.effect!r})",
+            outcome=f"the entry stays claimed until its lease ends ({OUTBOX_LEASE}), then it is delivered again",
+        )
 
     async def done(self, entry: OutboxEntry) -> None:
-        await self._execute("DELETE FROM astm_outbox WHERE t = $1 AND seq = $2", *entry.key)
+        await self._settle(entry, "DELETE FROM astm_outbox WHERE t = $1 AND seq = $2")
 
     async def retry(self, entry: OutboxEntry, error: str, delay: float) -> None:
-        await self._execute(
+        await self._settle(
+            entry,
             "UPDATE astm_outbox SET locked_until = NULL, next_at = now() + make_interval(secs => $3) "
             "WHERE t = $1 AND seq = $2",
-            *entry.key,
             delay,
         )
 
     async def dead(self, entry: OutboxEntry, error: str) -> None:
-        await self._execute(
-            "UPDATE astm_outbox SET locked_until = NULL, error = $3 WHERE t = $1 AND seq = $2",
-            *entry.key,
-            _text_safe(error),
+        await self._settle(
+            entry, "UPDATE astm_outbox SET locked_until = NULL, error = $3 WHERE t = $1 AND seq = $2", _text_safe(error)
         )
 
     async def requeue(self, key: Key | None) -> int:
+        lost = {
+            "doing": "requeueing dead letters",
+            "outcome": "they may or may not have been requeued",
+            "fix": "call requeue() again once the server answers (requeueing twice does no harm)",
+        }
         if key is None:
             done = await self._execute(
-                "UPDATE astm_outbox SET error = NULL, attempts = 0, next_at = now() WHERE error IS NOT NULL"
+                "UPDATE astm_outbox SET error = NULL, attempts = 0, next_at = now() WHERE error IS NOT NULL", **lost
             )
         else:
             done = await self._execute(
                 "UPDATE astm_outbox SET error = NULL, attempts = 0, next_at = now() "
                 "WHERE t = $1 AND seq = $2 AND error IS NOT NULL",
                 *key,
+                **lost,
             )
             if done.split()[-1] == "0":
                 raise KeyError(f"no dead letter with key {key!r}")
@@ -1438,11 +1459,12 @@ class PostgresOutbox:
 
     async def dead_letters(self) -> list[OutboxEntry]:
         pool = self._peer.require_pool()
-        async with pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT t, seq, effect, payload, attempts, error FROM astm_outbox "
-                "WHERE error IS NOT NULL ORDER BY t, seq"
-            )
+        with self._peer.lost_server("reading the outbox's dead letters", "nothing changed", "ask again later"):
+            async with pool.acquire() as conn:
+                rows = await conn.fetch(
+                    "SELECT t, seq, effect, payload, attempts, error FROM astm_outbox "
+                    "WHERE error IS NOT NULL ORDER BY t, seq"
+                )
         out = []
         for r in rows:
             entry = OutboxEntry((r["t"], r["seq"]), r["effect"], codec.loads(r["payload"]), None, r["attempts"])
@@ -1452,14 +1474,15 @@ class PostgresOutbox:
 
     async def pending(self, effects: Collection[str] | None = None) -> int:
         pool = self._peer.require_pool()
-        async with pool.acquire() as conn:
-            if effects is None:
-                return int(await conn.fetchval("SELECT count(*) FROM astm_outbox WHERE error IS NULL"))
-            return int(
-                await conn.fetchval(
-                    "SELECT count(*) FROM astm_outbox WHERE error IS NULL AND effect = ANY($1)", list(effects)
+        with self._peer.lost_server("counting the pending outbox entries", "nothing changed", "ask again later"):
+            async with pool.acquire() as conn:
+                if effects is None:
+                    return int(await conn.fetchval("SELECT count(*) FROM astm_outbox WHERE error IS NULL"))
+                return int(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM astm_outbox WHERE error IS NULL AND effect = ANY($1)", list(effects)
+                    )
                 )
-            )
 
     def next_due(self) -> float | None:
         if self._peer._closing:
