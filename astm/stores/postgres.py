@@ -77,7 +77,7 @@ _Own = tuple[float, list[tuple[str, tuple[Any, ...]]], list[tuple[str, str, str,
 
 log = logging.getLogger("astm")
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 CHANNEL = "astm_commits"
 POLL_SECONDS = 1.0
 OUTBOX_POLL_SECONDS = 0.2
@@ -94,6 +94,8 @@ MAX_DELTAS = 64
 MAX_CHAIN = 4096
 #: log rows one catch-up query brings (the loop runs between chunks)
 CATCH_UP_CHUNK = 500
+#: log rows from notifications a peer keeps while it cannot apply them (beyond: it reads the log instead)
+PUSHED_ROWS_KEPT = 10_000
 #: how often a peer polls the log when LISTEN/NOTIFY is not available
 FALLBACK_POLL_SECONDS = 0.1
 #: the log keeps at least this many commits and this many seconds (resolving a lost commit reads it)
@@ -195,6 +197,24 @@ _APPLY_FUNCTION = """CREATE OR REPLACE FUNCTION astm_apply(p_batch jsonb, INOUT 
     END $$"""
 
 
+#: A batch's notification carries its log rows when they fit in a payload (under 8000 bytes), so that the
+#: other peers apply them without reading the log: "<t> [[t, time, changes], ...]", else just "<t>".
+#: ``time`` travels as text (float8out is exact; a jsonb number of a float8 keeps only 15 digits).
+_ANNOUNCE_FUNCTION = """CREATE OR REPLACE FUNCTION astm_announce(p_start bigint, p_cur bigint) RETURNS void
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        rows text;
+    BEGIN
+        SELECT jsonb_agg(jsonb_build_array(l.t, l.time::text, l.changes) ORDER BY l.t)::text INTO rows
+          FROM astm_log l WHERE l.t > p_start AND l.t <= p_cur;
+        IF rows IS NOT NULL AND octet_length(rows) < 7900 THEN
+            PERFORM pg_notify('astm_commits', p_cur::text || ' ' || rows);
+        ELSE
+            PERFORM pg_notify('astm_commits', p_cur::text);
+        END IF;
+    END $$"""
+
+
 #: Any peer's commit call takes the commit lock if it is free and commits its batch together with every
 #: other peer's queued one (one WAL flush for all); when the lock is busy it queues its batch (an unlogged
 #: table: no flush) and then waits in astm_commit_pending, which commits whatever is queued by then and
@@ -226,7 +246,7 @@ _COMMIT_FUNCTION = """CREATE OR REPLACE FUNCTION astm_commit_batch(p_batch jsonb
                JOIN jsonb_array_elements(res) WITH ORDINALITY AS r(result, m) ON q.n = r.m;
         IF cur > start THEN  -- a batch that committed nothing (all conflicts) writes no WAL: no flush
             UPDATE astm_meta SET value = cur::text WHERE key = 't';
-            PERFORM pg_notify('astm_commits', cur::text);
+            PERFORM astm_announce(start, cur);
         END IF;
         RETURN (SELECT COALESCE(jsonb_agg(r.result ORDER BY r.m), '[]'::jsonb)
                   FROM jsonb_array_elements(res) WITH ORDINALITY AS r(result, m)
@@ -254,7 +274,7 @@ _PENDING_FUNCTION = """CREATE OR REPLACE FUNCTION astm_commit_pending(p_mine uui
                    JOIN jsonb_array_elements(res) WITH ORDINALITY AS r(result, m) ON q.n = r.m;
             IF cur > start THEN
                 UPDATE astm_meta SET value = cur::text WHERE key = 't';
-                PERFORM pg_notify('astm_commits', cur::text);
+                PERFORM astm_announce(start, cur);
             END IF;
         END IF;
         WITH x AS (DELETE FROM astm_results WHERE id = ANY(p_mine) RETURNING id, result)
@@ -299,11 +319,12 @@ _SCHEMA = [
     _FENCE,
     *_QUEUES,
     _APPLY_FUNCTION,
+    _ANNOUNCE_FUNCTION,
     _COMMIT_FUNCTION,
     _PENDING_FUNCTION,
     *_INDEXES,
 ]
-#: schema versions 1 and 2 -> 7: the fence, deltas (log rows become [name, "v", value])
+#: schema versions 1 and 2 -> 8: the fence, deltas (log rows become [name, "v", value])
 _MIGRATE = [
     _FENCE,
     _DELTAS,
@@ -315,13 +336,14 @@ _MIGRATE = [
           FROM jsonb_array_elements(changes::jsonb) AS c)""",
     *_QUEUES,
     _APPLY_FUNCTION,
+    _ANNOUNCE_FUNCTION,
     _COMMIT_FUNCTION,
     _PENDING_FUNCTION,
     *_INDEXES,
 ]
-#: schema versions 3 to 6 -> 7: validation by index lookups, the outbox indexes, commits shared between peers,
-#: deletions, no write to astm_meta by a batch that committed nothing
-_MIGRATE_3 = [*_QUEUES, _APPLY_FUNCTION, _COMMIT_FUNCTION, _PENDING_FUNCTION, *_INDEXES]
+#: schema versions 3 to 7 -> 8: validation by index lookups, the outbox indexes, commits shared between peers,
+#: deletions, no write to astm_meta by a batch that committed nothing, log rows in the notifications
+_MIGRATE_3 = [*_QUEUES, _APPLY_FUNCTION, _ANNOUNCE_FUNCTION, _COMMIT_FUNCTION, _PENDING_FUNCTION, *_INDEXES]
 
 #: refs a peer does not hold, and the basis they are read at, in one statement (one snapshot): the basis row,
 #: the refs' whole values, their deltas
@@ -458,6 +480,12 @@ class PostgresStorage:
         #: times its notifications stopped while the connection looked open
         self.silent_losses = 0
         self._heard = False
+        #: log rows that notifications carried, not applied yet: payloads as received, then parsed rows
+        self._pushed: list[str] = []
+        self._pushed_rows: deque[tuple[int, float, str]] = deque()
+        #: batches of log rows applied from notifications, and log reads made
+        self.pushed_applied = 0
+        self.log_reads = 0
         self._can_listen = True
         #: per ref: deltas stored since its last whole value (past MAX_DELTAS a commit sends the value)
         self.deltas: dict[str, int] = {}
@@ -744,7 +772,7 @@ class PostgresStorage:
                 exists = await conn.fetchval("SELECT to_regclass('astm_meta') IS NOT NULL")
                 if exists:
                     version = await conn.fetchval("SELECT value FROM astm_meta WHERE key = 'schema_version'")
-                    if version is not None and int(version) in (1, 2, 3, 4, 5, 6):
+                    if version is not None and int(version) in (1, 2, 3, 4, 5, 6, 7):
                         for statement in _MIGRATE if int(version) < 3 else _MIGRATE_3:
                             await conn.execute(statement)
                         await conn.execute(
@@ -787,11 +815,34 @@ class PostgresStorage:
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         self._heard = True
-        t = int(payload)
+        head, _, rows = payload.partition(" ")
+        t = int(head)
         if t > self._known:
             self._known = t
         if t > self.timeline.t:
+            if rows:
+                self._pushed.append(rows)  # parsed by whoever applies them, not in the protocol's callback
             self._changed.set()
+
+    def _take_pushed(self, start: int, upto: int | None) -> list[tuple[int, float, str]] | None:
+        """The log rows notifications carried from ``start + 1`` on, contiguous, up to ``upto``; None if
+        they do not start there (a notification was too large, or lost: read the log)."""
+        rows = self._pushed_rows
+        for payload in self._pushed:
+            rows.extend((t, float(when), changes) for t, when, changes in json.loads(payload))
+        self._pushed.clear()
+        while rows and rows[0][0] <= start:
+            rows.popleft()
+        if len(rows) > PUSHED_ROWS_KEPT:
+            rows.clear()  # this peer is far behind its notifications: the log serves it
+        if not rows or rows[0][0] != start + 1:
+            return None
+        out = []
+        nxt = start + 1
+        while rows and rows[0][0] == nxt and (upto is None or nxt <= upto):
+            out.append(rows.popleft())
+            nxt += 1
+        return out
 
     # -- following the log -----------------------------------------------------------
 
@@ -824,7 +875,9 @@ class PostgresStorage:
                     before = self.timeline.t
                     if waited.cancelled_caught:
                         await self._check_known()
-                    await self.catch_up()
+                        await self.catch_up()
+                    elif not await self._apply_announced():
+                        await self.catch_up()
                     if waited.cancelled_caught and not heard and self.timeline.t > before and self._can_listen:
                         unannounced += 1
                         if unannounced >= 2 and self._listener is not None:
@@ -848,6 +901,18 @@ class PostgresStorage:
                     await anyio.sleep(1)
         finally:
             self._stopped.set()
+
+    async def _apply_announced(self) -> bool:
+        """Apply the log rows notifications carried; True if that reached every commit announced or asked
+        for (then the log need not be read). Only without a replica: one serves catch-up reads otherwise."""
+        if self.replica_pool is not None or not (self._pushed or self._pushed_rows):
+            return False
+        await self._fetch_apply(self.require_pool(), max(self._known, self._asked), False)
+        t = self.timeline.t
+        if t < self._known or t < self._asked:
+            return False
+        self._asked = 0
+        return True
 
     async def _trim(self) -> None:
         """Drop log rows past history retention and a minute old (no peer resolving a commit needs them)."""
@@ -949,6 +1014,14 @@ class PostgresStorage:
         """
         while upto is None or self.timeline.t < upto:
             start = self.timeline.t
+            pushed = None if replica else self._take_pushed(start, upto)
+            if pushed:
+                async with contextlib.AsyncExitStack() as held:
+                    if not locked:
+                        await held.enter_async_context(self._catching_up)
+                    await self._apply(pushed)
+                self.pushed_applied += 1
+                continue
             if replica:
                 try:
                     with anyio.fail_after(REPLICA_TIMEOUT_SECONDS):
@@ -970,8 +1043,8 @@ class PostgresStorage:
                 await anyio.lowlevel.checkpoint()  # a long gap: let the loop breathe between chunks
         return True
 
-    @staticmethod
-    async def _fetch_log(pool: asyncpg.Pool, start: int, upto: int | None) -> list[Any]:
+    async def _fetch_log(self, pool: asyncpg.Pool, start: int, upto: int | None) -> list[Any]:
+        self.log_reads += 1
         async with pool.acquire() as conn:
             return list(await conn.fetch(_LOG, start, sys.maxsize if upto is None else upto, CATCH_UP_CHUNK))
 
@@ -994,6 +1067,8 @@ class PostgresStorage:
             for t, when, changes in decoded:
                 if t <= tl.t:
                     continue
+                if t != tl.t + 1:
+                    break  # never past a commit not applied (the caller reads the log from here)
                 applied, w, any_watched = self.host._apply_logged(t, when, changes, self.where())
                 self._record(t, changes)
                 counts = self.deltas
