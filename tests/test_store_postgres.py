@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import asyncpg
@@ -460,7 +460,7 @@ class TestFollowing:
         from astm.stores.postgres import CHANNEL
 
         async with astm.Store(pg_dsn) as a, astm.Store(pg_dsn) as b:
-            ra, rb = a.ref("pushed", 0), b.ref("pushed", 0)
+            ra, rb = a.ref("pushed", cast(Any, 0)), b.ref("pushed", cast(Any, 0))
             await b.load(rb)
             peer = b._peer
             assert peer is not None
