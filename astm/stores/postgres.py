@@ -96,6 +96,9 @@ MAX_CHAIN = 4096
 CATCH_UP_CHUNK = 500
 #: log rows from notifications a peer keeps while it cannot apply them (beyond: it reads the log instead)
 PUSHED_ROWS_KEPT = 10_000
+#: how long a committer waits for the notification of the other peers' commits before its own, rather than
+#: reading them from the log
+ANNOUNCE_WAIT_SECONDS = 0.002
 #: how often a peer polls the log when LISTEN/NOTIFY is not available
 FALLBACK_POLL_SECONDS = 0.1
 #: the log keeps at least this many commits and this many seconds (resolving a lost commit reads it)
@@ -486,6 +489,8 @@ class PostgresStorage:
         #: batches of log rows applied from notifications, and log reads made
         self.pushed_applied = 0
         self.log_reads = 0
+        #: set by the next notification (a committer waiting for the other peers' earlier commits)
+        self._announced: anyio.Event | None = None
         self._can_listen = True
         #: per ref: deltas stored since its last whole value (past MAX_DELTAS a commit sends the value)
         self.deltas: dict[str, int] = {}
@@ -823,6 +828,8 @@ class PostgresStorage:
             if rows:
                 self._pushed.append(rows)  # parsed by whoever applies them, not in the protocol's callback
             self._changed.set()
+        if self._announced is not None:
+            self._announced.set()
 
     def _take_pushed(self, start: int, upto: int | None) -> list[tuple[int, float, str]] | None:
         """The log rows notifications carried from ``start + 1`` on, contiguous, up to ``upto``; None if
@@ -903,13 +910,14 @@ class PostgresStorage:
             self._stopped.set()
 
     async def _apply_announced(self) -> bool:
-        """Apply the log rows notifications carried; True if that reached every commit announced or asked
-        for (then the log need not be read). Only without a replica: one serves catch-up reads otherwise."""
-        if self.replica_pool is not None or not (self._pushed or self._pushed_rows):
+        """Apply every commit announced or asked for: from the rows notifications carried, reading the log
+        only for what they lack. True if that reached them all. Not with a replica: it serves catch-up reads."""
+        if self.replica_pool is not None:
             return False
-        await self._fetch_apply(self.require_pool(), max(self._known, self._asked), False)
-        t = self.timeline.t
-        if t < self._known or t < self._asked:
+        target = max(self._known, self._asked)
+        if self.timeline.t < target:
+            await self._fetch_apply(self.require_pool(), target, False)
+        if self.timeline.t < target:
             return False
         self._asked = 0
         return True
@@ -1118,8 +1126,10 @@ class PostgresStorage:
         for t, (when, changes, kinds) in sorted(commits, key=lambda c: c[0]):
             if tl.t >= t:
                 continue
-            # the other peers' commits in between, if any (from the primary: a replica has rarely replayed
-            # commits this recent yet)
+            # the other peers' commits in between, if any: from their notification, which is usually on its
+            # way (they committed first), else from the primary (a replica has rarely replayed them yet)
+            if tl.t < t - 1 and self._known < t - 1 and self._listener is not None and self.replica_pool is None:
+                await self._await_announced(t - 1)
             await self._catch_up_to(t - 1, source="primary")
             async with self._catching_up:
                 with tl.lock:
@@ -1135,6 +1145,13 @@ class PostgresStorage:
             if watched:
                 await run_watches(applied)
 
+    async def _await_announced(self, t: int) -> None:
+        """Wait up to ANNOUNCE_WAIT_SECONDS for the notification of commit ``t`` (cheaper than a log read)."""
+        with anyio.move_on_after(ANNOUNCE_WAIT_SECONDS):
+            while self._known < t:
+                announced = self._announced = anyio.Event()
+                await announced.wait()
+
     async def catch_up_after(self, t: int) -> None:
         """Apply the log up to this peer's own commit ``t``, riding out a reconnect."""
         errors = _connection_errors()
@@ -1142,8 +1159,10 @@ class PostgresStorage:
         self._known = max(self._known, t)
         while True:
             try:
+                if self.timeline.t < t and self._listener is not None and self.replica_pool is None:
+                    await self._await_announced(t)  # its notification carries it, usually at once
                 if self.timeline.t < t:
-                    await self._catch_up_to(None, source="primary")  # the newest commits: the primary has them
+                    await self._catch_up_to(t, source="primary")  # the newest commits: the primary has them
                 return
             except errors as exc:
                 if time.monotonic() > deadline:
