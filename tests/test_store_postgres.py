@@ -496,6 +496,15 @@ class TestFollowing:
                 while rb.get() != -2:
                     await anyio.sleep(0.01)
             assert seen[-2:] == [-1, -2], "the commit whose notification was lost is applied, before the next"
+            peer._notified(None, 0, CHANNEL, f"{b.t + 1} [[{b.t + 1}, no json")  # garbled: the log serves instead
+            await a.atomically(lambda: ra.set(-3))
+            with anyio.fail_after(10):
+                while rb.get() != -3:
+                    await anyio.sleep(0.01)
+            assert seen[-3:] == [-1, -2, -3]
+            warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            assert len(warned) == 1 and warned[0].startswith("astm peer: a notification's rows could not be read")
+            caplog.clear()
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "no error on the way"
 
     async def test_without_listen_the_peer_polls(self, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
