@@ -94,7 +94,9 @@ MAX_DELTAS = 64
 MAX_CHAIN = 4096
 #: log rows one catch-up query brings (the loop runs between chunks)
 CATCH_UP_CHUNK = 500
-#: log rows from notifications a peer keeps while it cannot apply them (beyond: it reads the log instead)
+#: notifications (with their rows) a peer keeps until it applies them, and parsed rows it keeps while they
+#: do not follow on from its basis; beyond either it reads the log instead
+PUSHED_KEPT = 64
 PUSHED_ROWS_KEPT = 10_000
 #: how long a committer waits for the notification of the other peers' commits before its own, rather than
 #: reading them from the log
@@ -484,12 +486,14 @@ class PostgresStorage:
         self.silent_losses = 0
         self._heard = False
         #: log rows that notifications carried, not applied yet: payloads as received, then parsed rows
-        self._pushed: list[str] = []
+        self._pushed: list[tuple[int, str]] = []
         self._pushed_rows: deque[tuple[int, float, str]] = deque()
         #: batches of log rows applied from notifications, and log reads made
         self.pushed_applied = 0
         self.log_reads = 0
-        #: set by the next notification (a committer waiting for the other peers' earlier commits)
+        #: the newest t a notification announced, and an event the next one sets (for a committer waiting
+        #: for the notification of the commits up to its own)
+        self._heard_t = 0
         self._announced: anyio.Event | None = None
         self._can_listen = True
         #: per ref: deltas stored since its last whole value (past MAX_DELTAS a commit sends the value)
@@ -822,11 +826,17 @@ class PostgresStorage:
         self._heard = True
         head, _, rows = payload.partition(" ")
         t = int(head)
+        if t > self._heard_t:
+            self._heard_t = t
         if t > self._known:
             self._known = t
         if t > self.timeline.t:
             if rows:
-                self._pushed.append(rows)  # parsed by whoever applies them, not in the protocol's callback
+                if len(self._pushed) < PUSHED_KEPT:
+                    self._pushed.append((t, rows))  # parsed by whoever applies them, not in this callback
+                else:  # far behind (a long catch-up): the log serves it, in chunks, and nothing piles up here
+                    self._pushed.clear()
+                    self._pushed_rows.clear()
             self._changed.set()
         if self._announced is not None:
             self._announced.set()
@@ -836,7 +846,9 @@ class PostgresStorage:
         they do not start there (a notification was too large, or lost: read the log)."""
         rows = self._pushed_rows
         payloads, self._pushed = self._pushed, []
-        for payload in payloads:
+        for last, payload in payloads:
+            if last <= start:
+                continue  # applied already (its rows came another way): not worth parsing
             try:
                 rows.extend((int(t), float(when), str(changes)) for t, when, changes in json.loads(payload))
             except (ValueError, TypeError) as exc:  # not what astm_announce sends: the log has the rows
@@ -1132,7 +1144,7 @@ class PostgresStorage:
                 continue
             # the other peers' commits in between, if any: from their notification, which is usually on its
             # way (they committed first), else from the primary (a replica has rarely replayed them yet)
-            if tl.t < t - 1 and self._known < t - 1 and self._listener is not None and self.replica_pool is None:
+            if tl.t < t - 1 and self._heard_t < t - 1 and self._listener is not None and self.replica_pool is None:
                 await self._await_announced(t - 1)
             await self._catch_up_to(t - 1, source="primary")
             async with self._catching_up:
@@ -1152,7 +1164,7 @@ class PostgresStorage:
     async def _await_announced(self, t: int) -> None:
         """Wait up to ANNOUNCE_WAIT_SECONDS for the notification of commit ``t`` (cheaper than a log read)."""
         with anyio.move_on_after(ANNOUNCE_WAIT_SECONDS):
-            while self._known < t:
+            while self._heard_t < t:
                 announced = self._announced = anyio.Event()
                 await announced.wait()
 
