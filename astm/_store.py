@@ -80,6 +80,10 @@ class Stats:
     #: went to the primary instead (0 without ``replica=``)
     replica_reads: int = 0
     replica_fallbacks: int = 0
+    #: batches of other peers' commits a PostgreSQL peer applied from the rows their notifications carried,
+    #: and times it read the shared log instead (a large value, a missed notification, a peer far behind)
+    announced: int = 0
+    log_reads: int = 0
 
 
 class Store:
@@ -712,6 +716,8 @@ class Store:
                 self._dropped,
                 self._peer.replica_reads if self._peer is not None else 0,
                 self._peer.replica_fallbacks if self._peer is not None else 0,
+                self._peer.pushed_applied if self._peer is not None else 0,
+                self._peer.log_reads if self._peer is not None else 0,
             )
 
     @property

@@ -466,23 +466,24 @@ class TestFollowing:
             assert peer is not None
             seen: list[int] = []
             rb.add_watch("w", lambda key, ref, old, new: seen.append(new))
-            reads, applied = peer.log_reads, peer.pushed_applied
+            reads, applied = b.stats().log_reads, b.stats().announced
             for i in range(1, 31):
                 await a.atomically(lambda i: ra.set(i), i)
             with anyio.fail_after(10):
                 while rb.get() != 30:  # the follower alone: no sync(t), which may read the log itself
                     await anyio.sleep(0.01)
             assert seen == list(range(1, 31)), "every commit applied once, in order"
-            assert peer.pushed_applied > applied
-            assert peer.log_reads - reads < 10, f"{peer.log_reads - reads} log reads for 30 announced commits"
+            stats = b.stats()
+            assert stats.announced > applied
+            assert stats.log_reads - reads < 10, f"{stats.log_reads - reads} log reads for 30 announced commits"
 
             big = "x" * 9000  # more than a notification carries
-            reads = peer.log_reads
+            reads = b.stats().log_reads
             await a.atomically(lambda: ra.set(big))
             with anyio.fail_after(10):
                 while rb.get() != big:
                     await anyio.sleep(0.01)
-            assert peer.log_reads > reads
+            assert b.stats().log_reads > reads
 
             # a notification lost on the way (not listening while -1 commits): the rows of the next one do not
             # follow on, so the log fills the gap
