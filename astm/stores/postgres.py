@@ -1040,10 +1040,11 @@ class PostgresStorage:
             start = self.timeline.t
             pushed = None if replica else self._take_pushed(start, upto)
             if pushed:
-                async with contextlib.AsyncExitStack() as held:
-                    if not locked:
-                        await held.enter_async_context(self._catching_up)
+                if locked:
                     await self._apply(pushed)
+                else:
+                    async with self._catching_up:
+                        await self._apply(pushed)
                 self.pushed_applied += 1
                 continue
             if replica:
