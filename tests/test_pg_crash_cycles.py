@@ -151,7 +151,17 @@ class PeerCycles:
         deadline = time.monotonic() + 30
         while any(len(p.out.acked) <= n for p, n in zip(peers, before, strict=True)):
             if time.monotonic() > deadline:
-                self.fail("restart", ["peers did not commit again within 30 s of the restart"])
+                stuck = [i for i, (p, n) in enumerate(zip(peers, before, strict=True)) if len(p.out.acked) <= n]
+                for peer in peers:
+                    peer.kill()
+                    peer.finish()
+                self.fail(
+                    "restart",
+                    [
+                        "peers did not commit again within 30 s of the restart",
+                        *[f"peer {i}: {peers[i].summary()}" for i in stuck],
+                    ],
+                )
             time.sleep(0.05)
 
     def check(self, *extra: str) -> list[dict[str, object]]:
