@@ -1145,8 +1145,7 @@ class PostgresStorage:
                 continue
             # the other peers' commits in between, if any: from their notification, which is usually on its
             # way (they committed first), else from the primary (a replica has rarely replayed them yet)
-            if tl.t < t - 1 and self._heard_t < t - 1 and self._listener is not None and self.replica_pool is None:
-                await self._await_announced(t - 1)
+            await self._await_announced(t - 1)
             await self._catch_up_to(t - 1, source="primary")
             async with self._catching_up:
                 with tl.lock:
@@ -1163,7 +1162,10 @@ class PostgresStorage:
                 await run_watches(applied)
 
     async def _await_announced(self, t: int) -> None:
-        """Wait up to ANNOUNCE_WAIT_SECONDS for the notification of commit ``t`` (cheaper than a log read)."""
+        """Wait up to ANNOUNCE_WAIT_SECONDS for the notification of commit ``t`` (cheaper than a log read);
+        not when this peer has it already, hears no notifications, or reads catch-ups from a replica."""
+        if self.timeline.t >= t or self._heard_t >= t or self._listener is None or self.replica_pool is not None:
+            return
         with anyio.move_on_after(ANNOUNCE_WAIT_SECONDS):
             while self._heard_t < t:
                 announced = self._announced = anyio.Event()
@@ -1176,8 +1178,7 @@ class PostgresStorage:
         self._known = max(self._known, t)
         while True:
             try:
-                if self.timeline.t < t and self._listener is not None and self.replica_pool is None:
-                    await self._await_announced(t)  # its notification carries it, usually at once
+                await self._await_announced(t)  # its notification carries it, usually at once
                 if self.timeline.t < t:
                     await self._catch_up_to(t, source="primary")  # the newest commits: the primary has them
                 return
