@@ -485,6 +485,9 @@ class Transaction:
         held = me.refs
         new = {r for r in refs if r._claim is not me} - set(held)
         if not new:
+            # a new attempt under claims already held: others yield to it for a budget of its own (an
+            # attempt that overran, the loop stalled, must not leave the claims passed for good)
+            me.deadline = _monotonic() + me.budget
             return
         if held and min(r._ord for r in new) < max(r._ord for r in held):
             want = sorted(set(held) | new, key=_ord)

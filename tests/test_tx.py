@@ -8,6 +8,7 @@ import gc
 import logging
 import random
 import threading
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -371,6 +372,42 @@ class TestContention:
         overruns = [r for r in caplog.records if "past its deadline" in r.getMessage()]
         assert len(overruns) == 1, [r.getMessage() for r in overruns]
         assert store._nclaims == 0 and hot._claim is None
+
+    async def test_a_claimant_that_overran_once_wins_its_next_attempt(self, store: astm.Store) -> None:
+        """One attempt that overruns its claims (the loop stalled) does not cost the transaction its priority.
+
+        A shared machine can stall the loop past a claim's deadline; writers then
+        pass the claims and the attempt conflicts. The next attempt, fast again,
+        must be yielded to, not passed for good until the retry limit.
+        """
+        x, y = store.ref("x", 0), store.ref("y", 0)
+        stop = stalled = False
+        runs = 0
+
+        async def writer() -> None:
+            while not stop:
+                await store.atomically(lambda: [r.alter(lambda v: v + 1) for r in (x, y)])
+                await anyio.sleep(0)
+
+        async def reader() -> tuple[int, int]:
+            nonlocal runs, stalled
+            runs += 1
+            a = x.get()
+            await anyio.sleep(0)
+            if x._claim is not None and not stalled:
+                stalled = True
+                time.sleep(0.06)  # noqa: ASYNC251 (a stalled loop, once: past the claim's 50 ms budget)
+            for _ in range(5):
+                await anyio.sleep(0)
+            return a, y.get()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(writer)
+            a, b = await store.atomically(reader, retry_limit=100)
+            stop = True
+        assert stalled and a == b
+        assert runs < 20, runs
 
 
 class TestCancellation:
