@@ -1,8 +1,8 @@
 """A child program for the crash-cycle and fault-injection tests: commits on a SQLite store and reports.
 
 Usage: python fault_child.py STORE --audit FILE [--state FILE] [--base ID] [--tasks N]
-[--commits N] [--pause S] [--history N] [--payload BYTES] [--ledger N] [--stop-on-error] [--reopen]
-[--abandon]
+[--commits N] [--pause S] [--history N] [--payload BYTES] [--ledger N] [--stop-on-error] [--drain]
+[--reopen] [--abandon]
 
 ``STORE`` is a SQLite file's path or a PostgreSQL DSN (``postgresql://...``:
 then several children may commit at once, as peers, and a state dump reads
@@ -29,7 +29,9 @@ On stdout, one line each (written straight to fd 1, so nothing is buffered):
 ``--commits -1`` commits until SIGTERM, which stops new transactions, lets
 those in flight finish and closes the store cleanly; ``--commits 0`` only
 opens (and closes). ``--reopen`` opens the store a second time after the
-clean close and dumps its state again. ``--abandon`` ends the process without
+clean close and dumps its state again; ``--drain`` first waits (up to 60 s)
+until no outbox entry is pending, as a PostgreSQL peer's close does not (it
+leaves them to the other peers). ``--abandon`` ends the process without
 closing the store (like a crash). The state file holds a JSON list with one
 state per opening (see :func:`dump`).
 
@@ -355,6 +357,9 @@ async def run(args: argparse.Namespace) -> None:
         emit("READY")
         if args.commits:
             await commit_all(store, audit, args)
+        if args.drain:
+            with anyio.fail_after(60):
+                await store.outbox.drain()
         if args.abandon:
             os._exit(0)
     emit(f"CLOSED {store.t}")
@@ -379,6 +384,7 @@ def main() -> int:
     parser.add_argument("--payload", type=int, default=0)
     parser.add_argument("--ledger", type=int, default=0)
     parser.add_argument("--stop-on-error", action="store_true")
+    parser.add_argument("--drain", action="store_true")
     parser.add_argument("--reopen", action="store_true")
     parser.add_argument("--abandon", action="store_true")
     args = parser.parse_args()
