@@ -100,6 +100,21 @@ async def test_sized_rounds_last_about_the_target() -> None:
     assert rate > 0
 
 
+async def test_sized_does_not_size_from_a_slow_first_call() -> None:
+    """A first call that carries a one-time cost (a new ref's first commit) does not size the rounds."""
+    calls = 0
+
+    async def body(n: int) -> Timed:
+        nonlocal calls
+        calls += 1
+        return Timed(n, 0.5 if calls == 1 else n * 0.001)  # the first call: one slow operation
+
+    sized = Sized(body, 0.05, start=1)
+    await sized()
+    assert calls == 2
+    assert 40 <= sized.n <= 60  # sized from the second call (1 ms per operation), not from the slow first one
+
+
 async def test_sized_respects_the_granule_and_timed_ops() -> None:
     """``granule`` keeps n a multiple (n per task); a body reporting Timed sets the operation count."""
 

@@ -349,12 +349,18 @@ class Sized:
 
     async def __call__(self) -> Result:
         if not self._sized:
-            # warm-up: grow n tenfold until a call is long enough to size from
+            # warm-up: grow n tenfold until a call is long enough to size from; if the very first call is,
+            # size from a second one (a first call may carry one-time costs: sized from it, a case would run
+            # rounds of a single operation)
+            first = True
             while True:
                 done = await self._once(self.n)
                 if done.seconds >= self.seconds / 10 or self.n * 10 > self.limit:
+                    if first:
+                        done = await self._once(self.n)
                     break
                 self.n *= 10
+                first = False
             want = int(self.n * self.seconds / done.seconds) if done.seconds > 0 else self.limit
             self.n = max(self.granule, min(self.limit, want) // self.granule * self.granule)
             self._sized = True
