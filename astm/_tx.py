@@ -111,6 +111,9 @@ CLAIM_ALL_AFTER = 3
 #: duration, and at least CLAIM_MIN_SECONDS.
 CLAIM_TIME_FACTOR = 4.0
 CLAIM_MIN_SECONDS = 0.05
+#: Each new attempt under claims already held starts a new claim period, this
+#: many times in a row at most: then the claimant's queue goes ahead.
+CLAIM_RENEWALS = 8
 #: A claim held past its deadline is logged at most once per this many seconds per store, with a count.
 CLAIM_WARN_SECONDS = 10.0
 #: while positive, every body's first attempt is discarded (astm.pytest_plugin's bodies_twice)
@@ -168,10 +171,12 @@ _SEALED: Final[Any] = _Sealed()
 class Claimant:
     """The claims of one transaction, shared by its attempts: held refs, and for how long others yield."""
 
-    __slots__ = ("budget", "deadline", "refs")
+    __slots__ = ("budget", "deadline", "refs", "renewals")
 
     def __init__(self) -> None:
         self.refs: list[Ref[Any]] = []
+        #: new claim periods started without new claims (see CLAIM_RENEWALS)
+        self.renewals = 0
         #: while holding claims: until when other commits yield to them
         self.deadline = 0.0
         #: how long others yield once it holds them
@@ -486,8 +491,12 @@ class Transaction:
         new = {r for r in refs if r._claim is not me} - set(held)
         if not new:
             # a new attempt under claims already held: others yield to it for a budget of its own (an
-            # attempt that overran, the loop stalled, must not leave the claims passed for good)
-            me.deadline = _monotonic() + me.budget
+            # attempt that overran, the loop stalled, must not leave the claims passed for good), but not
+            # forever: a claimant that keeps failing under its claims (commutes pass them) must not hold
+            # its queue until its retry limit
+            if me.renewals < CLAIM_RENEWALS:
+                me.renewals += 1
+                me.deadline = _monotonic() + me.budget
             return
         if held and min(r._ord for r in new) < max(r._ord for r in held):
             want = sorted(set(held) | new, key=_ord)

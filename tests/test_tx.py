@@ -409,6 +409,48 @@ class TestContention:
         assert stalled and a == b
         assert runs < 20, runs
 
+    async def test_a_claimant_passed_by_commutes_stops_holding_its_queue(self, store: astm.Store) -> None:
+        """A transaction that keeps failing under its claims stops renewing them: its queue goes ahead.
+
+        A body that reads a ref other tasks commute conflicts with each of their
+        commits (commutes pass claims). From its third failure it claims what
+        it read, and a writer of those refs queues behind it. Each attempt
+        renews the claims only CLAIM_RENEWALS times, so the writer commits while
+        the reader is still retrying, not once it gives up at its retry limit.
+        """
+        counter, y = store.ref("counter", 0), store.ref("y", 0)
+        stop = False
+        order: list[str] = []
+
+        def bump() -> None:
+            counter.commute(lambda v: v + 1)
+
+        async def commuter() -> None:
+            while not stop:
+                await store.atomically(bump)
+                await anyio.sleep(0)
+
+        async def reader() -> None:
+            counter.get()
+            await anyio.sleep(0.002)  # the commuter commits meanwhile: every attempt conflicts
+            y.alter(lambda v: v + 1)
+
+        async def writer() -> None:
+            while y._claim is None:  # until the reader claims y
+                await anyio.sleep(0.001)
+            await store.atomically(lambda: y.alter(lambda v: v + 10))
+            order.append("writer committed")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(commuter)
+            tg.start_soon(writer)
+            with pytest.raises(astm.RetryLimitExceeded):
+                await store.atomically(reader, retry_limit=300)
+            order.append("reader gave up")
+            stop = True
+        assert order == ["writer committed", "reader gave up"]
+        assert y.get() == 10
+
 
 class TestCancellation:
     async def test_cancel_mid_body_commits_nothing(self, store: astm.Store) -> None:
