@@ -508,6 +508,45 @@ class TestFollowing:
             caplog.clear()
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "no error on the way"
 
+    async def test_a_follower_keeping_up_applies_notifications_as_they_arrive(
+        self, pg_dsn: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A peer whose basis is the notification's first row applies its rows at once, in the callback,
+        without waking its follower task (which cost twice the CPU per followed commit); every commit once
+        and in order. A notification it cannot read is left to the follower, which reads the log."""
+        from astm.stores.postgres import CHANNEL
+
+        async with astm.Store(pg_dsn) as a, astm.Store(pg_dsn) as b:
+            ra, rb = a.ref("kept-up", 0), b.ref("kept-up", 0)
+            await b.load(rb)
+            peer = b._peer
+            assert peer is not None
+            woken = 0
+            apply_announced = peer._apply_announced
+
+            async def counted() -> bool:
+                nonlocal woken
+                woken += 1
+                return await apply_announced()
+
+            peer._apply_announced = counted  # type: ignore[method-assign]
+            ts = []
+            for i in range(1, 31):
+                ts.append((await a.transact(lambda i: ra.set(i), i)).t)
+            with anyio.fail_after(10):
+                while rb.get() != 30:  # the follower alone: no sync(t), which may read the log itself
+                    await anyio.sleep(0.01)
+            assert [b.as_of(t)[rb] for t in ts] == list(range(1, 31)), "every commit applied once, in order"
+            assert woken <= 5, f"the follower task woke {woken} times for 30 commits"
+
+            peer._notified(None, 0, CHANNEL, f"{b.t + 1} [[{b.t + 1}, no json")  # garbled: the log serves instead
+            await a.atomically(lambda: ra.set(-1))
+            with anyio.fail_after(10):
+                while rb.get() != -1:
+                    await anyio.sleep(0.01)
+            warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            assert len(warned) == 1 and warned[0].startswith("astm peer: a notification's rows could not be read")
+
     async def test_without_listen_the_peer_polls(self, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
         """Where LISTEN is refused (a pooler in transaction mode), a peer still follows, by polling."""
 

@@ -403,6 +403,11 @@ def _replica_errors() -> tuple[type[BaseException], ...]:
     return (*_connection_errors(), asyncpg.PostgresError, TimeoutError)
 
 
+def _parse_pushed(payload: str) -> list[tuple[int, float, str]]:
+    """The log rows a notification carried: ``[[t, time as text, changes], ...]`` (see astm_announce)."""
+    return [(int(t), float(when), str(changes)) for t, when, changes in json.loads(payload)]
+
+
 async def _no_reset(conn: Any) -> None:
     """Nothing to reset on a pooled connection (asyncpg still rolls back a transaction left open)."""
 
@@ -831,15 +836,54 @@ class PostgresStorage:
         if t > self._known:
             self._known = t
         if t > self.timeline.t:
-            if rows:
-                if len(self._pushed) < PUSHED_KEPT:
-                    self._pushed.append((t, rows))  # parsed by whoever applies them, not in this callback
-                else:  # far behind (a long catch-up): the log serves it, in chunks, and nothing piles up here
-                    self._pushed.clear()
-                    self._pushed_rows.clear()
-            self._changed.set()
+            if rows and self._apply_in_place(t, rows):
+                pass  # nothing left for the follower to do
+            else:
+                if rows:
+                    if len(self._pushed) < PUSHED_KEPT:
+                        self._pushed.append((t, rows))  # parsed by whoever applies them
+                    else:  # far behind (a long catch-up): the log serves it, in chunks, and nothing piles up here
+                        self._pushed.clear()
+                        self._pushed_rows.clear()
+                self._changed.set()
         if self._announced is not None:
             self._announced.set()
+
+    def _apply_in_place(self, t: int, payload: str) -> bool:
+        """Apply a notification's rows in its callback when they follow on from the basis; True if done.
+
+        The common case of a peer keeping up: waking the follower task for it
+        (an event, a cancel scope, the catch-up lock) cost more than applying
+        the rows. Anything else is left to the follower, which applies it as
+        before: rows queued or being applied already (their order), a read
+        replica (it serves catch-ups), a ref with watches among the changes
+        (they run in order in the follower), rows that do not start at the
+        basis, or any error.
+        """
+        if self._pushed or self._pushed_rows or self.replica_pool is not None or self._catching_up.locked():
+            return False
+        tl = self.timeline
+        held = self.host._refs
+        try:
+            rows = _parse_pushed(payload)
+            if not rows or rows[0][0] != tl.t + 1 or rows[-1][0] != t:
+                return False
+            decoded = [(rt, when, decode_row(json.loads(changes))) for rt, when, changes in rows]
+            for _, _, changes in decoded:
+                for name, _ in changes:
+                    r = held.get(name)
+                    if r is not None and r._watches:
+                        return False
+            with tl.lock:
+                if tl.t + 1 != rows[0][0]:
+                    return False
+                wake, _ = self._apply_decoded(decoded)
+        except Exception:  # rows it cannot read, an inconsistent log: the follower meets them too and says so
+            return False
+        for w in wake:
+            w.fire()
+        self.pushed_applied += 1
+        return tl.t >= t
 
     def _take_pushed(self, start: int, upto: int | None) -> list[tuple[int, float, str]] | None:
         """The log rows notifications carried from ``start + 1`` on, contiguous, up to ``upto``; None if
@@ -850,7 +894,7 @@ class PostgresStorage:
             if last <= start:
                 continue  # applied already (its rows came another way): not worth parsing
             try:
-                rows.extend((int(t), float(when), str(changes)) for t, when, changes in json.loads(payload))
+                rows.extend(_parse_pushed(payload))
             except (ValueError, TypeError) as exc:  # not what astm_announce sends: the log has the rows
                 log.warning("astm peer: a notification's rows could not be read (%r); reading the log", exc)
                 rows.clear()
@@ -1085,28 +1129,40 @@ class PostgresStorage:
 
     async def _apply(self, rows: list[Any]) -> None:
         tl = self.timeline
-        wake: list[Waiter] = []
-        watched: list[tuple[Ref[Any], Any, Any]] = []
         decoded = [(t, when, decode_row(json.loads(changes))) for t, when, changes in rows]
         with tl.lock:
-            for t, when, changes in decoded:
-                if t <= tl.t:
-                    continue
-                if t != tl.t + 1:
-                    break  # never past a commit not applied (the caller reads the log from here)
-                applied, w, any_watched = self.host._apply_logged(t, when, changes, self.where())
-                self._record(t, changes)
-                counts = self.deltas
-                for name, change in changes:
-                    counts[name] = counts.get(name, 0) + 1 if change[0] == "d" else 0
-                if w:
-                    wake.extend(w)
-                if any_watched:
-                    watched.extend(applied)
+            wake, watched = self._apply_decoded(decoded)
         for x in wake:
             x.fire()
         if watched:
             await run_watches(watched)
+
+    def _apply_decoded(
+        self, decoded: list[tuple[int, float, list[tuple[str, tuple[Any, ...]]]]]
+    ) -> tuple[list[Waiter], list[tuple[Ref[Any], Any, Any]]]:
+        """Apply decoded log rows in t order from the basis on (under the timeline's lock).
+
+        Returns the waiters to wake and the changes of watched refs. Rows at or
+        before the basis are skipped; it stops at a gap.
+        """
+        tl = self.timeline
+        wake: list[Waiter] = []
+        watched: list[tuple[Ref[Any], Any, Any]] = []
+        for t, when, changes in decoded:
+            if t <= tl.t:
+                continue
+            if t != tl.t + 1:
+                break  # never past a commit not applied (the caller reads the log from here)
+            applied, w, any_watched = self.host._apply_logged(t, when, changes, self.where())
+            self._record(t, changes)
+            counts = self.deltas
+            for name, change in changes:
+                counts[name] = counts.get(name, 0) + 1 if change[0] == "d" else 0
+            if w:
+                wake.extend(w)
+            if any_watched:
+                watched.extend(applied)
+        return wake, watched
 
     def _record(self, t: int, changes: list[tuple[str, Any]]) -> None:
         """Remember the names commit ``t`` wrote (just applied, under the lock); kept contiguous in t."""
