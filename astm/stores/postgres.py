@@ -835,17 +835,14 @@ class PostgresStorage:
             self._heard_t = t
         if t > self._known:
             self._known = t
-        if t > self.timeline.t:
-            if rows and self._apply_in_place(t, rows):
-                pass  # nothing left for the follower to do
-            else:
-                if rows:
-                    if len(self._pushed) < PUSHED_KEPT:
-                        self._pushed.append((t, rows))  # parsed by whoever applies them
-                    else:  # far behind (a long catch-up): the log serves it, in chunks, and nothing piles up here
-                        self._pushed.clear()
-                        self._pushed_rows.clear()
-                self._changed.set()
+        if t > self.timeline.t and not (rows and self._apply_in_place(t, rows)):
+            if rows:
+                if len(self._pushed) < PUSHED_KEPT:
+                    self._pushed.append((t, rows))  # parsed by whoever applies them
+                else:  # far behind (a long catch-up): the log serves it, in chunks, and nothing piles up here
+                    self._pushed.clear()
+                    self._pushed_rows.clear()
+            self._changed.set()
         if self._announced is not None:
             self._announced.set()
 
@@ -875,9 +872,7 @@ class PostgresStorage:
                     if r is not None and r._watches:
                         return False
             with tl.lock:
-                if tl.t + 1 != rows[0][0]:
-                    return False
-                wake, _ = self._apply_decoded(decoded)
+                wake, _ = self._apply_decoded(decoded)  # it skips what is applied and stops at a gap
         except Exception:  # rows it cannot read, an inconsistent log: the follower meets them too and says so
             return False
         for w in wake:
