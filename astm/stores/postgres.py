@@ -1133,12 +1133,16 @@ class PostgresStorage:
             await run_watches(watched)
 
     def _apply_decoded(
-        self, decoded: list[tuple[int, float, list[tuple[str, tuple[Any, ...]]]]]
+        self,
+        decoded: list[tuple[int, float, list[tuple[str, tuple[Any, ...]]]]],
+        kinds: list[tuple[str, str, str, Any]] | None = None,
     ) -> tuple[list[Waiter], list[tuple[Ref[Any], Any, Any]]]:
         """Apply decoded log rows in t order from the basis on (under the timeline's lock).
 
         Returns the waiters to wake and the changes of watched refs. Rows at or
-        before the basis are skipped; it stops at a gap.
+        before the basis are skipped; it stops at a gap. The delta chains count
+        each change's kind as logged; ``kinds``: this peer's own commit (one
+        row), whose changes hold whole values, and these are what it logged.
         """
         tl = self.timeline
         wake: list[Waiter] = []
@@ -1151,8 +1155,9 @@ class PostgresStorage:
             applied, w, any_watched = self.host._apply_logged(t, when, changes, self.where())
             self._record(t, changes)
             counts = self.deltas
-            for name, change in changes:
-                counts[name] = counts.get(name, 0) + 1 if change[0] == "d" else 0
+            logged = [(name, change[0]) for name, change in changes] if kinds is None else [k[:2] for k in kinds]
+            for name, kind in logged:
+                counts[name] = counts.get(name, 0) + 1 if kind == "d" else 0
             if w:
                 wake.extend(w)
             if any_watched:
@@ -1190,7 +1195,6 @@ class PostgresStorage:
         if not commits:
             return
         tl = self.timeline
-        where = self.where()
         for t, (when, changes, kinds) in sorted(commits, key=lambda c: c[0]):
             if tl.t >= t:
                 continue
@@ -1202,15 +1206,11 @@ class PostgresStorage:
                 with tl.lock:
                     if tl.t != t - 1:
                         continue
-                    applied, wake, watched = self.host._apply_logged(t, when, changes, where)
-                    self._record(t, changes)
-                    counts = self.deltas
-                    for name, kind, _, _ in kinds:
-                        counts[name] = counts.get(name, 0) + 1 if kind == "d" else 0
-            for w in wake or ():
+                    wake, watched = self._apply_decoded([(t, when, changes)], kinds)
+            for w in wake:
                 w.fire()
             if watched:
-                await run_watches(applied)
+                await run_watches(watched)
 
     async def _await_announced(self, t: int) -> None:
         """Wait up to ANNOUNCE_WAIT_SECONDS for the notification of commit ``t`` (cheaper than a log read);
