@@ -21,6 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -43,16 +44,18 @@ __all__ = ["Cluster", "Standby", "available"]
 class Cluster:
     """A started cluster; ``dsn`` connects to its ``astm`` database. ``destroy()`` removes it."""
 
-    def __init__(self) -> None:
-        self._prepare("astm-pg-")
-        self._run([_bin("initdb"), "-D", str(self.data), "-U", "astm", "--auth=trust", "-E", "UTF8"])
+    def __init__(self, parent: Path | None = None, initdb: Sequence[str] = ()) -> None:
+        """Create and start a cluster in a new temporary directory (inside ``parent`` when given);
+        ``initdb``: more options for ``initdb`` (say ``--wal-segsize=1``)."""
+        self._prepare("astm-pg-", parent)
+        self._run([_bin("initdb"), "-D", str(self.data), "-U", "astm", "--auth=trust", "-E", "UTF8", *initdb])
         self.start()
         self._run([_bin("createdb") or "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "astm", "astm"])
         self.dsn = f"postgresql://astm@127.0.0.1:{self.port}/astm"
 
-    def _prepare(self, prefix: str) -> None:
+    def _prepare(self, prefix: str, parent: Path | None = None) -> None:
         """A fresh directory (owned by the ``postgres`` OS user when run as root) and a free loopback port."""
-        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         self.data = self.dir / "data"
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -84,6 +87,13 @@ class Cluster:
 
     def stop(self, mode: str = "fast") -> None:
         self._run([_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"])
+
+    def running(self) -> bool:
+        """Whether the server is up (``pg_ctl status``): it may have stopped by itself, say on a full disk."""
+        cmd = [str(_bin("pg_ctl")), "-D", str(self.data), "status"]
+        if self.as_postgres:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
 
     def destroy(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):  # already stopped

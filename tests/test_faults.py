@@ -46,7 +46,6 @@ where they fail. The default run (46 cases) takes about a minute;
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import shutil
@@ -58,6 +57,7 @@ from typing import Any
 
 import pytest
 
+from .disks import fill, mount_small_disk, unmount
 from .fault_child import is_k_ref, is_new_ref
 from .fault_ledger import Child, Ledger, Output, load_states, read_deliveries, run_child
 
@@ -396,43 +396,13 @@ def test_fault_gives_a_clear_error_and_loses_nothing_acknowledged(
 # -- a genuinely full disk -------------------------------------------------------------
 
 
-def _mount_small_disk(where: Path) -> tuple[str | None, list[str]]:
-    """Mount a 2 MB tmpfs at ``where``, else a loop-mounted 4 MB ext4 image; what got mounted and what failed."""
-    tried = []
-    for name in ("tmpfs", "ext4 on a loop device"):
-        if name == "tmpfs":
-            cmd = ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)]
-        else:
-            image = where.parent / "disk.img"
-            with image.open("wb") as f:
-                f.truncate(4 * 1024 * 1024)
-            try:
-                mkfs = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], capture_output=True, text=True)
-            except FileNotFoundError as exc:
-                tried.append(f"{name}: {exc}")
-                continue
-            if mkfs.returncode != 0:
-                tried.append(f"{name}: mkfs.ext4: {mkfs.stderr.strip()}")
-                continue
-            cmd = ["mount", "-o", "loop", str(image), str(where)]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True)
-        except FileNotFoundError as exc:
-            tried.append(f"{name}: {exc}")
-            continue
-        if done.returncode == 0:
-            return name, tried
-        tried.append(f"{name}: {done.stderr.strip() or done.returncode}")
-    return None, tried
-
-
 class FullDisk:
     """A small file system to fill, or, where none can be mounted, strace failing writes with ENOSPC."""
 
     def __init__(self, where: Path) -> None:
         self.where = where
         where.mkdir()
-        self.kind, self.tried = _mount_small_disk(where)
+        self.kind, self.tried = mount_small_disk(where)
         self.fillers: list[Path] = []
         self.prefix: list[str] = []
 
@@ -456,8 +426,8 @@ class FullDisk:
         return "no small file system could be mounted (" + "; ".join(self.tried) + "): strace ENOSPC on write/pwrite64"
 
     def close(self) -> None:
-        if self.kind is not None and subprocess.run(["umount", str(self.where)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(self.where)], capture_output=True)
+        if self.kind is not None:
+            unmount(self.where)
 
 
 @contextlib.contextmanager
@@ -467,30 +437,6 @@ def full_disk(where: Path) -> Iterator[FullDisk]:
         yield disk
     finally:
         disk.close()
-
-
-def fill(where: Path, leave: int) -> list[Path]:
-    """Fill the file system at ``where`` with 16 KB files, then delete enough of them to leave ``leave`` bytes."""
-    files: list[Path] = []
-    chunk = b"\0" * 16384
-    for size in (16384, 1024):
-        while True:
-            p = where / f"filler-{len(files)}"
-            try:
-                with p.open("wb") as f:
-                    f.write(chunk[:size])
-            except OSError as exc:
-                p.unlink(missing_ok=True)
-                if exc.errno != errno.ENOSPC:
-                    raise
-                break
-            files.append(p)
-    freed = 0
-    while freed < leave and files:
-        p = files.pop(0)
-        freed += p.stat().st_size
-        p.unlink()
-    return files
 
 
 FULL_DISK_ARGS = ["--base", "100000", "--commits", "3000", "--tasks", "4", "--payload", "8000", "--stop-on-error"]

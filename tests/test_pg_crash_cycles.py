@@ -27,17 +27,29 @@ whole again after every 125 deltas, so kills land in long and in fresh delta
 chains; the ledger must hold its seed, then every committed id once, in
 commit order.
 
+A full disk, for real: the server's data directory sits on a small tmpfs of
+its own, filled until the tables cannot grow (the server refuses commits and
+keeps running); in the other case the WAL sits on a tmpfs of its own with 1 MB
+segments, filled until it needs a segment there is no room for (the server
+stops). Errors must be StorageErrors; after space is freed (and the server
+started again if it stopped) a fresh peer checks the ledger, and the store
+must commit again.
+
 Each variant takes about 20 seconds (8 cycles, 24 peers, most of them
 killed); ``ASTM_SOAK=1`` runs six times as many cycles.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shutil
 import signal
+import tempfile
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +58,7 @@ import pytest
 
 from astm.testing import Cluster
 
+from .disks import fill, mount_small_disk, unmount
 from .fault_child import CYCLE_SPAN
 from .fault_ledger import Child, Ledger, load_states, read_deliveries, run_child
 
@@ -220,3 +233,88 @@ def test_sigkilled_peers_lose_no_acknowledged_commit(pg_dsn: str, tmp_path: Path
         f"{len(cycles.ledger.acked)} acknowledged commits, {leases} outbox leases left by killed peers"
     )
     assert cycles.kills >= CYCLES and len(cycles.ledger.acked) > 20 * CYCLES
+
+
+@contextlib.contextmanager
+def _small_disk(megabytes: int) -> Iterator[tuple[Path, str]]:
+    """A tmpfs (or loop-mounted ext4) of ``megabytes`` the server's OS user can reach (not in tmp_path)."""
+    disk = Path(tempfile.mkdtemp(prefix="astm-pg-disk-"))
+    disk.chmod(0o755)
+    kind, tried = mount_small_disk(disk, megabytes)
+    if kind is None:
+        disk.rmdir()
+        why = "no small file system for the server's files could be mounted: " + "; ".join(tried)
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    try:
+        yield disk, kind
+    finally:
+        unmount(disk)
+        shutil.rmtree(disk, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("full", ["tables", "wal"])
+def test_a_full_disk_on_the_server_loses_no_acknowledged_commit(tmp_path: Path, full: str) -> None:
+    """The server's disk fills up under a committing peer: its commits fail with a StorageError; once there is
+    space again (and the server runs again, if it stopped) nothing acknowledged is lost, no transaction that
+    raised "not committed" is there, and the store commits again.
+
+    ``tables``: the data directory's file system has 1 MB left, so the tables soon cannot grow (the server
+    refuses each commit and keeps running). ``wal``: the WAL is on a file system of its own with 512 KB
+    left and 1 MB segments, so it soon needs a segment there is no room for (the server stops).
+    """
+    if os.environ.get("ASTM_TEST_POSTGRES_DSN"):
+        pytest.skip("needs a throwaway cluster of its own, on small file systems")
+    with contextlib.ExitStack() as stack:
+        data, kind = stack.enter_context(_small_disk(160))
+        if full == "wal":
+            wal, _ = stack.enter_context(_small_disk(24))
+            initdb: tuple[str, ...] = ("--wal-segsize=1", f"--waldir={wal / 'pg_wal'}")
+            filled, left = wal, 512 * 1024
+        else:
+            initdb, filled, left = (), data, 1024 * 1024
+        cluster = Cluster(parent=data, initdb=initdb)
+        stack.callback(cluster.destroy)
+        _fill_the_servers_disk(cluster, filled, f"{full} ({kind})", left, tmp_path)
+
+
+def _fill_the_servers_disk(cluster: Cluster, disk: Path, kind: str, left: int, tmp_path: Path) -> None:
+    dsn, audit, state_file = cluster.dsn, tmp_path / "audit.txt", tmp_path / "state.json"
+    ledger = Ledger()
+    first = run_child([dsn, "--audit", str(audit), "--base", "1", "--commits", "20", "--tasks", "4"])
+    assert first.proc.returncode == 0 and len(first.out.acked) == 20, first.summary()
+    ledger.take(first.out)
+    fillers = fill(disk, left)
+    child = Child([dsn, "--audit", str(audit), "--base", "100000", "--commits", "5000", "--tasks", "4",
+                   "--payload", "8000", "--stop-on-error"])  # fmt: skip
+    child.finish(180)
+    ledger.take(child.out)
+    problems = []
+    if not child.out.errors:
+        problems.append(f"5000 commits of 8 KB fit in the {left} bytes left: {child.summary()}")
+    unclear = [f"{x}: {e['type']}: {e['message']}" for x, e in child.out.errors.items() if not _a_storage_error(e)]
+    if unclear:
+        problems.append(f"errors that are not a StorageError: {unclear[:3]}")
+    for p in fillers:
+        p.unlink()
+    stopped = not cluster.running()
+    if stopped:
+        cluster.start()
+    checker = run_child([dsn, "--audit", str(audit), "--state", str(state_file)])
+    states = load_states(state_file)
+    if not states or checker.out.fatal is not None:
+        problems.append(f"the checking peer failed: {checker.summary()}")
+    for state in states:
+        problems += ledger.check(state, read_deliveries(audit, state["audit_size"]))
+    after = run_child([dsn, "--audit", str(audit), "--base", "200000", "--commits", "10", "--tasks", "2"])
+    if after.proc.returncode != 0 or len(after.out.acked) != 10:
+        problems.append(f"the store did not commit again once there was space: {after.summary()}")
+    first_error = child.out.errors[min(child.out.errors)] if child.out.errors else None
+    print(
+        f"full {kind}: {len(child.out.acked)} acknowledged, {len(child.out.errors)} raised"
+        + (f" (first: {first_error['type']}: {first_error['message'][:300]})" if first_error else "")
+        + f"; the server {'had stopped' if stopped else 'kept running'}; the child: {child.summary()}"
+    )
+    assert not problems, "\n  - ".join(["", *problems])

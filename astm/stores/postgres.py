@@ -408,6 +408,32 @@ def _parse_pushed(payload: str) -> list[tuple[int, float, str]]:
     return [(int(t), float(when), str(changes)) for t, when, changes in json.loads(payload)]
 
 
+def _what_failed(exc: BaseException) -> str:
+    """How a commit's round trip failed, for the error its caller gets."""
+    import asyncpg
+
+    if isinstance(exc, asyncpg.PostgresError):
+        return "PostgreSQL reported an error while the commit waited for its turn"
+    return "the connection to PostgreSQL was lost during the commit"
+
+
+def _cause_of(exc: BaseException) -> str:
+    import asyncpg
+
+    return _server_said(exc) if isinstance(exc, asyncpg.PostgresError) else repr(exc)
+
+
+def _server_said(exc: BaseException) -> str:
+    """What PostgreSQL said in an error it reported: its message, detail and hint, and the SQLSTATE."""
+    parts = [" ".join(str(exc).split())]
+    for field in ("detail", "hint"):
+        extra = getattr(exc, field, None)
+        if extra and extra not in parts[0]:
+            parts.append(f"{field.upper()}: {extra}")
+    code = getattr(exc, "sqlstate", None)
+    return " ".join(parts) + (f" [SQLSTATE {code}]" if code else "")
+
+
 async def _no_reset(conn: Any) -> None:
     """Nothing to reset on a pooled connection (asyncpg still rolls back a transaction left open)."""
 
@@ -688,12 +714,19 @@ class PostgresStorage:
 
     @contextlib.contextmanager
     def lost_server(self, doing: str, outcome: str, fix: str) -> Iterator[None]:
-        """A lost or restarting server while ``doing`` something is a StorageError that says ``outcome``."""
+        """A lost or restarting server while ``doing`` something, or an error the server reports (a full
+        disk, say), is a StorageError that says ``outcome``."""
+        import asyncpg
+
         try:
             yield
         except _connection_errors() as exc:
             raise StorageError(
                 self.where(), f"the connection to PostgreSQL was lost while {doing} ({exc!r}); {outcome}", fix
+            ) from exc
+        except asyncpg.PostgresError as exc:
+            raise StorageError(
+                self.where(), f"PostgreSQL reported an error while {doing} ({_server_said(exc)}); {outcome}", fix
             ) from exc
 
     async def load(self, refs: list[Ref[Any]]) -> None:
@@ -1490,13 +1523,25 @@ class PostgresCommitter:
         peer = self._peer
         peer.require_pool()
         errors = _connection_errors()
-        try:
-            conn = self._conn
-            if conn is None or conn.is_closed():
-                # a connection of its own: no pool reset (two round trips) after every commit
+        queued = False
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            # a connection of its own: no pool reset (two round trips) after every commit
+            try:
                 conn = self._conn = await asyncpg.connect(peer.dsn)
+            except (*errors, asyncpg.PostgresError) as exc:
+                unsent = StorageError(
+                    peer.where(),
+                    f"cannot connect to PostgreSQL ({_cause_of(exc)}), so the commit was not sent; "
+                    "the transaction was not committed",
+                    "it is safe to run it again once the server answers",
+                )
+                unsent.__cause__ = exc
+                return [unsent] * len(ids)
+        try:
             answer = await conn.fetchval(_COMMIT, json.dumps(payloads))
             if answer is None:  # queued behind another peer's commit: take our results when our turn comes
+                queued = True
                 mine = json.loads(await conn.fetchval(_PENDING, ids))
                 return [mine[str(i)] for i in ids]
             return list(json.loads(answer))
@@ -1505,12 +1550,27 @@ class PostgresCommitter:
                 self._conn.terminate()
                 self._conn = None
             return await self.resolve(ids, exc)
+        except asyncpg.PostgresError as exc:
+            if queued:
+                # the batch waits in the queue, where another peer's commit may have taken it up: look it up
+                return await self.resolve(ids, exc)
+            # the server refused the call, so its transaction rolled back: nothing of the batch committed
+            refused = StorageError(
+                peer.where(),
+                f"PostgreSQL refused the commit ({_server_said(exc)}); the transaction was not committed",
+                "fix the cause on the server (a full disk: free space there), then run it again",
+            )
+            refused.__cause__ = exc
+            return [refused] * len(ids)
 
     async def resolve(self, ids: list[uuid.UUID], first: BaseException) -> list[Any]:
         """The outcome of each commit whose connection dropped: committed (its t), or fenced and not committed."""
+        import asyncpg
+
         peer = self._peer
         pool = peer.require_pool()
-        errors = _connection_errors()
+        # a lost server, or one that refuses the lookup or the fence (a full disk): try again until the deadline
+        errors = (*_connection_errors(), asyncpg.PostgresError)
         deadline = time.monotonic() + RESOLVE_SECONDS
         while time.monotonic() < deadline:
             await anyio.sleep(0.1)
@@ -1532,15 +1592,14 @@ class PostgresCommitter:
                 continue
             lost = StorageError(
                 peer.where(),
-                f"the connection to PostgreSQL was lost during the commit ({first!r}); "
-                "the transaction was not committed",
+                f"{_what_failed(first)} ({_cause_of(first)}); the transaction was not committed",
                 "it is safe to run it again",
             )
             lost.__cause__ = first
             return [{"status": "ok", "t": found[i]} if i in found else lost for i in ids]
         raise CommitOutcomeUnknown(
             peer.where(),
-            f"the connection to PostgreSQL was lost during a commit and its outcome is unknown ({first!r})",
+            f"{_what_failed(first)}, and its outcome is unknown ({_cause_of(first)})",
             "the transaction may or may not have committed; check with a fresh read once the server is back",
         ) from first
 
