@@ -287,18 +287,22 @@ def _fill_the_servers_disk(cluster: Cluster, disk: Path, kind: str, left: int, t
     assert first.proc.returncode == 0 and len(first.out.acked) == 20, first.summary()
     ledger.take(first.out)
     fillers = fill(disk, left)
-    child = Child([dsn, "--audit", str(audit), "--base", "100000", "--commits", "5000", "--tasks", "4",
-                   "--payload", "8000", "--stop-on-error"])  # fmt: skip
-    child.finish(180)
-    ledger.take(child.out)
+    # two peers at once, so that commits also queue behind the other's when the server refuses one
+    peers = [Child([dsn, "--audit", str(audit), "--base", str(base), "--commits", "5000", "--tasks", "4",
+                    "--payload", "8000", "--stop-on-error"]) for base in (100_000, 150_000)]  # fmt: skip
+    for peer in peers:
+        peer.finish(180)
+        ledger.take(peer.out)
     problems = []
-    if not child.out.errors:
-        problems.append(f"5000 commits of 8 KB fit in the {left} bytes left: {child.summary()}")
-    unclear = [f"{x}: {e['type']}: {e['message']}" for x, e in child.out.errors.items() if not _a_storage_error(e)]
+    errors = {x: e for peer in peers for x, e in peer.out.errors.items()}
+    if not errors:
+        problems.append(f"10000 commits of 8 KB fit in the {left} bytes left: {[p.summary() for p in peers]}")
+    unclear = [f"{x}: {e['type']}: {e['message']}" for x, e in errors.items() if not _a_storage_error(e)]
     if unclear:
         problems.append(f"errors that are not a StorageError: {unclear[:3]}")
-    for p in fillers:
-        p.unlink()
+    problems += [f"a peer failed: {p.summary()}" for p in peers if p.out.fatal is not None]
+    for filler in fillers:
+        filler.unlink()
     stopped = not cluster.running()
     if stopped:
         cluster.start()
@@ -311,10 +315,11 @@ def _fill_the_servers_disk(cluster: Cluster, disk: Path, kind: str, left: int, t
     after = run_child([dsn, "--audit", str(audit), "--base", "200000", "--commits", "10", "--tasks", "2"])
     if after.proc.returncode != 0 or len(after.out.acked) != 10:
         problems.append(f"the store did not commit again once there was space: {after.summary()}")
-    first_error = child.out.errors[min(child.out.errors)] if child.out.errors else None
+    kinds = sorted({e["type"].rsplit(".", 1)[-1] for e in errors.values()})
+    first_error = errors[min(errors)] if errors else None
     print(
-        f"full {kind}: {len(child.out.acked)} acknowledged, {len(child.out.errors)} raised"
-        + (f" (first: {first_error['type']}: {first_error['message'][:300]})" if first_error else "")
-        + f"; the server {'had stopped' if stopped else 'kept running'}; the child: {child.summary()}"
+        f"full {kind}: {sum(len(p.out.acked) for p in peers)} acknowledged, {len(errors)} raised {kinds}"
+        + (f" (first: {first_error['message'][:300]})" if first_error else "")
+        + f"; the server {'had stopped' if stopped else 'kept running'}"
     )
     assert not problems, "\n  - ".join(["", *problems])

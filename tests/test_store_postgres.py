@@ -242,6 +242,55 @@ class TestCommitOutcomes:
             await store.atomically(lambda: r.set(1))
             assert (await store.sync(1)).t == 1 and r.get() == 1
 
+    @pytest.mark.parametrize("taken_up", [True, False], ids=["committed-by-another-peer", "never-taken-up"])
+    async def test_a_queued_commit_whose_wait_the_server_cancels_is_looked_up(
+        self, pg_dsn: str, taken_up: bool
+    ) -> None:
+        """A commit queued behind another peer's, whose wait the server cancels (``statement_timeout``),
+        is looked up rather than reported as the server's error: taken up and committed by the other peer,
+        it succeeds with that t; never taken up, it is fenced and raises "not committed"."""
+        async with astm.Store(f"{pg_dsn}?statement_timeout=300") as store:
+            r = store.ref("r", 0)
+            holder = await asyncpg.connect(pg_dsn)  # another peer, in the middle of its commit call
+            watcher = await asyncpg.connect(pg_dsn)
+            try:
+                tr = holder.transaction()
+                await tr.start()
+                await holder.execute("SELECT pg_advisory_xact_lock(7272727)")
+                outcome: list[Any] = []
+
+                async def commit() -> None:
+                    try:
+                        outcome.append(await store.transact(lambda: r.set(1)))
+                    except astm.AstmError as exc:
+                        outcome.append(exc)
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(commit)
+                    with anyio.fail_after(10):
+                        while not await watcher.fetchval("SELECT count(*) FROM astm_pending"):
+                            await anyio.sleep(0.02)
+                    await anyio.sleep(1.0)  # the queued commit's wait has been cancelled by now
+                    if taken_up:
+                        await holder.fetchval("SELECT astm_commit_pending('{}'::uuid[])")
+                        await tr.commit()
+                    else:
+                        await tr.rollback()
+                logged = await watcher.fetchval("SELECT count(*) FROM astm_log")
+                [result] = outcome
+                if taken_up:
+                    assert isinstance(result, astm.TxReport), result
+                    assert logged == 1 and result.t == 1 and r.get() == 1
+                else:
+                    assert isinstance(result, astm.StorageError) and "not committed" in str(result), result
+                    assert not isinstance(result, astm.CommitOutcomeUnknown)
+                    assert logged == 0 and r.get() == 0
+                    assert await watcher.fetchval("SELECT count(*) FROM astm_pending") == 0
+                    assert (await store.transact(lambda: r.set(2))).t == 1
+            finally:
+                await holder.close()
+                await watcher.close()
+
 
 class TestDeltas:
     async def test_peers_follow_and_reopen_deltas(self, pg_dsn: str) -> None:
