@@ -167,6 +167,45 @@ class TestPeers:
             assert ts == sorted(ts)
         assert {p for p, _ in got} == {"a", "b"}, "both peers should have delivered"
 
+    async def test_the_outbox_dispatcher_outlives_claims_the_server_refuses(
+        self, pg_dsn: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """While the server refuses the outbox's claims (here a lock timeout; a full disk alike), the
+        dispatcher keeps polling: once claims work again the due entry is delivered, without a new commit."""
+        attempts: list[float] = []
+        delivered = anyio.Event()
+        async with astm.Store(f"{pg_dsn}?lock_timeout=100") as store:
+
+            @store.effect("mail", backoff=0.5)
+            async def mail(payload: int, *, key: Key) -> None:
+                attempts.append(time.monotonic())
+                if len(attempts) == 1:
+                    raise ConnectionError("the first attempt fails: the entry is due again in 0.5 s")
+                delivered.set()
+
+            def body() -> None:
+                store.ref("n", 0).set(1)
+                mail.enqueue(1)
+
+            locker = await asyncpg.connect(pg_dsn)
+            try:
+                await store.atomically(body)
+                with anyio.fail_after(10):
+                    while not attempts:
+                        await anyio.sleep(0.01)
+                tr = locker.transaction()
+                await tr.start()
+                await locker.execute("LOCK TABLE astm_outbox IN ACCESS EXCLUSIVE MODE")  # claims time out
+                await anyio.sleep(1.5)
+                assert not delivered.is_set()
+                await tr.rollback()
+                with anyio.fail_after(10):
+                    await delivered.wait()
+            finally:
+                await locker.close()
+        assert len(attempts) == 2
+        assert any("refused to claim" in r.getMessage() for r in caplog.records)
+
     async def test_missing_rights_are_explained(self, pg_dsn: str) -> None:
         """A database user that may not create the tables gets a clear StorageError."""
         admin = await asyncpg.connect(pg_dsn)

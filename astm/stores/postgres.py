@@ -81,6 +81,8 @@ SCHEMA_VERSION = 8
 CHANNEL = "astm_commits"
 POLL_SECONDS = 1.0
 OUTBOX_POLL_SECONDS = 0.2
+#: a claim the server refuses is logged at most once per this many seconds per peer
+CLAIM_REFUSED_LOG_SECONDS = 10.0
 OUTBOX_LEASE = "30 seconds"
 #: how long a commit whose connection dropped keeps trying to learn its outcome
 RESOLVE_SECONDS = 10.0
@@ -1609,6 +1611,8 @@ class PostgresOutbox:
 
     def __init__(self, peer: PostgresStorage) -> None:
         self._peer = peer
+        #: when a refused claim was last logged (the dispatcher claims every OUTBOX_POLL_SECONDS)
+        self._refused_logged = 0.0
 
     def committed(self, t: int, entries: list[tuple[str, Any, Hashable | None]]) -> None:
         return None  # committed with the transaction; the dispatcher's kick claims them
@@ -1617,10 +1621,19 @@ class PostgresOutbox:
         peer = self._peer
         if peer.pool is None or peer._closing:
             return []
+        import asyncpg
+
         try:
             async with peer.pool.acquire() as conn:
                 rows = await conn.fetch(_CLAIM, limit, list(effects))
         except _connection_errors():
+            return []
+        except asyncpg.PostgresError as exc:
+            # a full disk, a lock timeout: nothing was claimed, and the dispatcher must live on to claim again
+            now = time.monotonic()
+            if now - self._refused_logged >= CLAIM_REFUSED_LOG_SECONDS:
+                self._refused_logged = now
+                log.warning("astm outbox: PostgreSQL refused to claim due entries (%s); retrying", _server_said(exc))
             return []
         return [
             OutboxEntry((r["t"], r["seq"]), r["effect"], codec.loads(r["payload"]), None, r["attempts"]) for r in rows
