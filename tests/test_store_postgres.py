@@ -281,6 +281,31 @@ class TestCommitOutcomes:
             await store.atomically(lambda: r.set(1))
             assert (await store.sync(1)).t == 1 and r.get() == 1
 
+    async def test_a_peer_that_fails_to_apply_its_own_commits_still_answers_their_callers(
+        self, pg_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The commits of a batch stand even when installing them fails: their callers get their t (each then
+        reads its commit back), instead of waiting for ever."""
+        async with astm.Store(pg_dsn) as store:
+            peer = store._peer
+            assert peer is not None
+            real = peer.apply_own
+            failures: list[Any] = []
+
+            async def failing(commits: Any) -> None:
+                if not failures:
+                    failures.append(commits)
+                    raise RuntimeError("installing failed")
+                await real(commits)
+
+            monkeypatch.setattr(peer, "apply_own", failing)
+            r = store.ref("r", 0)
+            with anyio.fail_after(10):
+                rep = await store.transact(lambda: r.set(1))
+                assert (await store.transact(lambda: r.set(r.get() + 1))).t == rep.t + 1
+            assert failures and rep.t == 1 and r.get() == 2
+            assert any("could not apply its own commits" in rec.getMessage() for rec in caplog.records)
+
     @pytest.mark.parametrize("taken_up", [True, False], ids=["committed-by-another-peer", "never-taken-up"])
     async def test_a_queued_commit_whose_wait_the_server_cancels_is_looked_up(
         self, pg_dsn: str, taken_up: bool

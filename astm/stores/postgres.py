@@ -1502,8 +1502,12 @@ class PostgresCommitter:
                 batch, results = self._answered.popleft()
                 mine = [(res["t"], own) for (_, _, _, own), res in zip(batch, results, strict=True)
                         if isinstance(res, dict) and res["status"] == "ok"]  # fmt: skip
-                with contextlib.suppress(*_connection_errors()):  # else each committer reads its commit back
+                try:
                     await self._peer.apply_own(mine)
+                except _connection_errors():
+                    pass  # each committer reads its commit back
+                except Exception:  # the commits stand: their callers must hear so, and read them back
+                    log.exception("astm peer could not apply its own commits; each caller reads its commit back")
                 for (_, _, bw, _), res in zip(batch, results, strict=True):
                     bw.fire(res)
         finally:
