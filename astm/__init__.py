@@ -27,6 +27,7 @@ from ._errors import AstmError as AstmError
 from ._errors import AtomInTransactionError as AtomInTransactionError
 from ._errors import CodecError as CodecError
 from ._errors import CommitOutcomeUnknown as CommitOutcomeUnknown
+from ._errors import CommittedNotApplied as CommittedNotApplied
 from ._errors import CommuteConflictError as CommuteConflictError
 from ._errors import HistoryUnavailable as HistoryUnavailable
 from ._errors import IOInTransactionError as IOInTransactionError
@@ -72,6 +73,7 @@ __all__ = [
     "Change",
     "CodecError",
     "CommitOutcomeUnknown",
+    "CommittedNotApplied",
     "CommuteConflictError",
     "DELETED",
     "Db",

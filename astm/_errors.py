@@ -11,6 +11,7 @@ The tree::
     ├── CodecError (TypeError)                 a value the storage codec cannot write or read
     ├── StorageError (RuntimeError)            the store cannot be used (locked, corrupt, newer, failed)
     │   └── CommitOutcomeUnknown               a commit that may or may not have happened
+    │       └── CommittedNotApplied            ... that happened, but this process cannot show it yet
     ├── StoreMismatchError (ValueError)        one transaction touching refs of two stores
     ├── CommuteConflictError (RuntimeError)    set/alter after commute on the same ref
     ├── ValidationError (ValueError)           a validator refused a new value
@@ -40,6 +41,7 @@ __all__ = [
     "AtomInTransactionError",
     "CodecError",
     "CommitOutcomeUnknown",
+    "CommittedNotApplied",
     "CommuteConflictError",
     "HistoryUnavailable",
     "IOInTransactionError",
@@ -175,6 +177,22 @@ class CommitOutcomeUnknown(StorageError):
     Running the transaction again could apply it twice. Read the state (after
     reopening the store, or once the server is back) to find out.
     """
+
+
+class CommittedNotApplied(CommitOutcomeUnknown):
+    """Raised when a commit happened (at ``t``) but this process could not apply it yet: do not run it again.
+
+    A PostgreSQL peer lost the server right after the commit was acknowledged,
+    before it could read the shared log up to it, so its own reads would not
+    show the commit. The commit is durable; the peer shows it once the server
+    is reachable (``await store.sync(err.t)``). It is a
+    :class:`CommitOutcomeUnknown`, so code that handles an unknown outcome by
+    reading the state first handles it right.
+    """
+
+    def __init__(self, path: str, problem: str, fix: str, t: int) -> None:
+        self.t = t
+        super().__init__(path, problem, fix)
 
 
 class StoreMismatchError(AstmError, ValueError):

@@ -119,6 +119,7 @@ def describe(exc: BaseException) -> dict[str, Any]:
     return {
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
         "astm": isinstance(exc, astm.AstmError),
+        "unknown": isinstance(exc, astm.CommitOutcomeUnknown),
         "message": str(exc),
         "chain": chain,
         "traceback": "".join(traceback.format_exception(exc))[-4000:],

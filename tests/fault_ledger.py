@@ -177,11 +177,16 @@ def read_deliveries(audit: Path, size: int | None = None) -> list[tuple[int, int
 def said_not_committed(error: dict[str, Any]) -> bool:
     """Whether a transaction's error (as the child described it) says it was not committed.
 
-    An astm error other than ``CommitOutcomeUnknown`` means the commit did not
-    happen (a conflict limit, a refused or fenced commit): the id must then be
-    absent. An unknown outcome may go either way.
+    An astm error other than ``CommitOutcomeUnknown`` (or a subclass, such as
+    ``CommittedNotApplied``) means the commit did not happen (a conflict
+    limit, a refused or fenced commit): the id must then be absent. An
+    unknown outcome may go either way.
     """
-    return bool(error.get("astm")) and not error.get("type", "").endswith(".CommitOutcomeUnknown")
+    if not error.get("astm"):
+        return False
+    if "unknown" in error:
+        return not error["unknown"]
+    return not error.get("type", "").endswith(".CommitOutcomeUnknown")
 
 
 class Ledger:

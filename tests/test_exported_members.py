@@ -18,7 +18,8 @@ def test_public_surface_is_pinned() -> None:
     """The names users rely on (DESIGN.md) are all exported."""
     expected = {
         "Agent", "AgentFailed", "AgentFamily", "AgentWaitError", "AstmError", "Atom",
-        "AtomInTransactionError", "Change", "CodecError", "CommitOutcomeUnknown", "CommuteConflictError",
+        "AtomInTransactionError", "Change", "CodecError", "CommitOutcomeUnknown", "CommittedNotApplied",
+        "CommuteConflictError",
         "DELETED", "Db", "DeadLetter", "Effect", "HistoryUnavailable", "IOInTransactionError",
         "MutableValueError", "NotInTransactionError", "Outbox", "Ref", "RefDeleted", "RefNotLoaded",
         "RetryLimitExceeded", "Stats", "StorageError", "Store", "StoreClosed", "StoreMismatchError",

@@ -177,3 +177,8 @@ def test_a_commit_said_not_committed_is_reported_and_an_unknown_outcome_is_not()
     assert ledger.check(state) == []
     ledger.errors[x] = {**unknown, "type": "astm._errors.StorageError", "message": "it was not committed"}
     assert any("raised 'not committed' are committed: ids [99]" in p for p in ledger.check(state))
+    # a subclass of CommitOutcomeUnknown (a commit known to have happened) is not "not committed" either
+    ledger.errors[x] = {"type": "astm._errors.CommittedNotApplied", "astm": True, "unknown": True, "message": "t=9"}
+    assert ledger.check(state) == []
+    ledger.errors[x] = {"type": "astm._errors.StorageError", "astm": True, "unknown": False, "message": "refused"}
+    assert any("raised 'not committed' are committed: ids [99]" in p for p in ledger.check(state))

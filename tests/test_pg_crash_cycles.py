@@ -85,7 +85,8 @@ async def _expire_leases(dsn: str) -> int:
 
 def _a_storage_error(error: dict[str, Any]) -> bool:
     """An error a lost server may cause: a StorageError (not committed) or CommitOutcomeUnknown (a subclass)."""
-    return bool(error["astm"]) and error["type"].rsplit(".", 1)[-1] in ("StorageError", "CommitOutcomeUnknown")
+    kinds = ("StorageError", "CommitOutcomeUnknown", "CommittedNotApplied")
+    return bool(error["astm"]) and error["type"].rsplit(".", 1)[-1] in kinds
 
 
 class PeerCycles:

@@ -281,6 +281,34 @@ class TestCommitOutcomes:
             await store.atomically(lambda: r.set(1))
             assert (await store.sync(1)).t == 1 and r.get() == 1
 
+    async def test_a_commit_the_peer_cannot_apply_is_reported_as_committed(
+        self, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The server is lost right after it acknowledged a commit, before the peer could read the log up to
+        it: the caller gets ``CommittedNotApplied`` with the commit's t (an unknown outcome, never a plain
+        "not committed" StorageError, which would invite running it again), and the commit is there."""
+        from astm.stores import postgres
+
+        monkeypatch.setattr(postgres, "RESOLVE_SECONDS", 0.5)
+        async with astm.Store(pg_dsn) as store:
+            peer = store._peer
+            assert peer is not None
+
+            async def lost(t: int) -> None:
+                raise ConnectionResetError("the server went away")
+
+            monkeypatch.setattr(peer, "_await_announced", lost)
+            r = store.ref("r", 0)
+            with pytest.raises(astm.CommittedNotApplied) as caught:
+                await store.atomically(lambda: r.set(1))
+            assert isinstance(caught.value, astm.CommitOutcomeUnknown) and caught.value.t == 1
+            assert "do not run the transaction again" in str(caught.value)
+            monkeypatch.undo()
+            await store.sync(caught.value.t)
+            assert r.get() == 1
+        rows = await _log_rows(pg_dsn)
+        assert [t for t, _ in rows] == [1]
+
     async def test_a_peer_that_fails_to_apply_its_own_commits_still_answers_their_callers(
         self, pg_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
     ) -> None:

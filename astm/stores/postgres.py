@@ -59,7 +59,7 @@ import anyio.lowlevel
 from .. import codec
 from .._backend import Waiter, spawn
 from .._commit import CommitRequest, Committed, Counts, decode_row, encode_changes, encode_outbox, row_text
-from .._errors import CommitOutcomeUnknown, StorageError, _Conflict
+from .._errors import CommitOutcomeUnknown, CommittedNotApplied, StorageError, _Conflict
 from .._ops import apply_calls, decode_calls
 from .._tx import run_watches
 from ..abc import CommitRecord, Key, OutboxEntry, Recovered
@@ -1270,10 +1270,12 @@ class PostgresStorage:
                 return
             except errors as exc:
                 if time.monotonic() > deadline:
-                    raise StorageError(
+                    raise CommittedNotApplied(
                         self.where(),
                         f"committed at t={t}, but this peer cannot read the log to apply it ({exc!r})",
-                        "the commit is durable; it will appear once the server is reachable",
+                        "the commit is durable: do not run the transaction again; this peer shows it once the "
+                        f"server is reachable (await store.sync({t}))",
+                        t,
                     ) from exc
                 await anyio.sleep(0.1)
 
