@@ -281,12 +281,14 @@ class TestCommitOutcomes:
             await store.atomically(lambda: r.set(1))
             assert (await store.sync(1)).t == 1 and r.get() == 1
 
+    @pytest.mark.parametrize("failure", [ConnectionResetError, RuntimeError], ids=["server-lost", "apply-failed"])
     async def test_a_commit_the_peer_cannot_apply_is_reported_as_committed(
-        self, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+        self, pg_dsn: str, monkeypatch: pytest.MonkeyPatch, failure: type[Exception]
     ) -> None:
         """The server is lost right after it acknowledged a commit, before the peer could read the log up to
-        it: the caller gets ``CommittedNotApplied`` with the commit's t (an unknown outcome, never a plain
-        "not committed" StorageError, which would invite running it again), and the commit is there."""
+        it (or applying the log fails): the caller gets ``CommittedNotApplied`` with the commit's t (an unknown
+        outcome, never a plain "not committed" StorageError, which would invite running it again), and the
+        commit is there."""
         from astm.stores import postgres
 
         monkeypatch.setattr(postgres, "RESOLVE_SECONDS", 0.5)
@@ -295,7 +297,7 @@ class TestCommitOutcomes:
             assert peer is not None
 
             async def lost(t: int) -> None:
-                raise ConnectionResetError("the server went away")
+                raise failure("the server went away")
 
             monkeypatch.setattr(peer, "_await_announced", lost)
             r = store.ref("r", 0)
@@ -303,11 +305,37 @@ class TestCommitOutcomes:
                 await store.atomically(lambda: r.set(1))
             assert isinstance(caught.value, astm.CommitOutcomeUnknown) and caught.value.t == 1
             assert "do not run the transaction again" in str(caught.value)
+            assert isinstance(caught.value.__cause__, failure)
             monkeypatch.undo()
             await store.sync(caught.value.t)
             assert r.get() == 1
         rows = await _log_rows(pg_dsn)
         assert [t for t, _ in rows] == [1]
+
+    async def test_a_conflict_the_peer_cannot_catch_up_on_is_not_committed(
+        self, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """After the server refused a commit for a conflict, the peer catches up on the newer commits before
+        the body runs again; if the server is lost meanwhile, that is a "not committed" StorageError, never
+        ``CommittedNotApplied`` (which says the commit happened)."""
+        from astm.stores import postgres
+
+        monkeypatch.setattr(postgres, "RESOLVE_SECONDS", 0.3)
+        async with astm.Store(pg_dsn) as store:
+            peer = store._peer
+            assert peer is not None
+
+            async def lost(t: int) -> None:
+                raise ConnectionResetError("the server went away")
+
+            monkeypatch.setattr(peer, "_await_announced", lost)
+            with pytest.raises(astm.StorageError) as caught:
+                await peer.catch_up_after(7, committed=False)
+            err = caught.value
+            assert not isinstance(err, astm.CommitOutcomeUnknown), err
+            assert "not committed" in str(err) and "conflicted" in str(err)
+            with pytest.raises(astm.CommittedNotApplied):
+                await peer.catch_up_after(7)
 
     async def test_a_peer_that_fails_to_apply_its_own_commits_still_answers_their_callers(
         self, pg_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture

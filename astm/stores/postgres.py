@@ -1257,8 +1257,9 @@ class PostgresStorage:
                 announced = self._announced = anyio.Event()
                 await announced.wait()
 
-    async def catch_up_after(self, t: int) -> None:
-        """Apply the log up to this peer's own commit ``t``, riding out a reconnect."""
+    async def catch_up_after(self, t: int, committed: bool = True) -> None:
+        """Apply the log up to ``t``, riding out a reconnect: this peer's own commit (``committed``), or the
+        newest commit a refused one conflicted with (before the transaction runs again)."""
         errors = _connection_errors()
         deadline = time.monotonic() + RESOLVE_SECONDS
         self._known = max(self._known, t)
@@ -1270,6 +1271,13 @@ class PostgresStorage:
                 return
             except errors as exc:
                 if time.monotonic() > deadline:
+                    if not committed:
+                        raise StorageError(
+                            self.where(),
+                            f"the transaction conflicted with commits up to t={t}, so it was not committed, and "
+                            f"this peer cannot read them to run it again ({exc!r})",
+                            "it is safe to run it again once the server answers",
+                        ) from exc
                     raise CommittedNotApplied(
                         self.where(),
                         f"committed at t={t}, but this peer cannot read the log to apply it ({exc!r})",
@@ -1278,6 +1286,15 @@ class PostgresStorage:
                         t,
                     ) from exc
                 await anyio.sleep(0.1)
+            except Exception as exc:  # the commit stands whatever applying it here met: never "not committed"
+                if not committed:
+                    raise
+                raise CommittedNotApplied(
+                    self.where(),
+                    f"committed at t={t}, but applying the log up to it failed ({exc})",
+                    "the commit is durable: do not run the transaction again",
+                    t,
+                ) from exc
 
     # -- closing ---------------------------------------------------------------------
 
@@ -1409,7 +1426,7 @@ class PostgresCommitter:
             own: _Own = (now, [(name, ("v", value)) for name, _, _, value in changes], changes)
             result = await self._batched(tx_id, payload, own)
             status, t = result["status"], result["t"]
-            await peer.catch_up_after(t)
+            await peer.catch_up_after(t, committed=status == "ok")
             if status == "ok":
                 with tl.lock:
                     peer.host._touch(request.vals)
