@@ -53,6 +53,22 @@ async def _log_rows(dsn: str) -> list[tuple[int, list[Any]]]:
     return [(r["t"], json.loads(r["changes"])) for r in rows]
 
 
+def _lose_the_log(store: astm.Store, monkeypatch: pytest.MonkeyPatch, failure: type[Exception]) -> Any:
+    """Make ``store``'s peer fail to read the log up to a commit (raising ``failure``), for half a second
+    at most before it gives up; returns the peer."""
+    from astm.stores import postgres
+
+    monkeypatch.setattr(postgres, "RESOLVE_SECONDS", 0.5)
+    peer = store._peer
+    assert peer is not None
+
+    async def lost(t: int) -> None:
+        raise failure("the server went away")
+
+    monkeypatch.setattr(peer, "_await_announced", lost)
+    return peer
+
+
 class TestSchema:
     async def test_a_database_of_the_previous_schema_is_upgraded_in_place(self, pg_dsn: str) -> None:
         """A database at schema 6 (the commit functions wrote astm_meta even for a batch that committed nothing)
@@ -289,17 +305,8 @@ class TestCommitOutcomes:
         it (or applying the log fails): the caller gets ``CommittedNotApplied`` with the commit's t (an unknown
         outcome, never a plain "not committed" StorageError, which would invite running it again), and the
         commit is there."""
-        from astm.stores import postgres
-
-        monkeypatch.setattr(postgres, "RESOLVE_SECONDS", 0.5)
         async with astm.Store(pg_dsn) as store:
-            peer = store._peer
-            assert peer is not None
-
-            async def lost(t: int) -> None:
-                raise failure("the server went away")
-
-            monkeypatch.setattr(peer, "_await_announced", lost)
+            _lose_the_log(store, monkeypatch, failure)
             r = store.ref("r", 0)
             with pytest.raises(astm.CommittedNotApplied) as caught:
                 await store.atomically(lambda: r.set(1))
@@ -318,17 +325,8 @@ class TestCommitOutcomes:
         """After the server refused a commit for a conflict, the peer catches up on the newer commits before
         the body runs again; if the server is lost meanwhile, that is a "not committed" StorageError, never
         ``CommittedNotApplied`` (which says the commit happened)."""
-        from astm.stores import postgres
-
-        monkeypatch.setattr(postgres, "RESOLVE_SECONDS", 0.3)
         async with astm.Store(pg_dsn) as store:
-            peer = store._peer
-            assert peer is not None
-
-            async def lost(t: int) -> None:
-                raise ConnectionResetError("the server went away")
-
-            monkeypatch.setattr(peer, "_await_announced", lost)
+            peer = _lose_the_log(store, monkeypatch, ConnectionResetError)
             with pytest.raises(astm.StorageError) as caught:
                 await peer.catch_up_after(7, committed=False)
             err = caught.value
