@@ -356,8 +356,10 @@ async def run(args: argparse.Namespace) -> None:
     sqlite_file = args.path if args.ledger and not is_postgres(args.path) else None  # for checkpoint_t
     store, audit = open_store(args.path, args.audit, args.history)
     async with store:
-        states.append(await dump(store, "open", args.audit, sqlite_file))
-        save(states, args.state)
+        if args.state or not is_postgres(args.path):
+            # (a PostgreSQL dump reads every ref, over a connection of its own: only when it is asked for)
+            states.append(await dump(store, "open", args.audit, sqlite_file))
+            save(states, args.state)
         if args.ledger and args.commits:
             await seed_ledger(store, args.ledger)
         emit("READY")

@@ -49,7 +49,6 @@ import contextlib
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,9 +59,9 @@ import pytest
 from .disks import fill, mount_small_disk, unmount
 from .fault_child import is_k_ref, is_new_ref
 from .fault_ledger import Child, Ledger, Output, load_states, read_deliveries, run_child
+from .strace import need_strace, strace_prefix
 
 SOAK = bool(os.environ.get("ASTM_SOAK"))
-STRACE = shutil.which("strace")
 
 SYNC = "fsync,fdatasync"
 WRITE = "write,pwrite64"
@@ -153,24 +152,6 @@ def _cases() -> list[Any]:
     return CASES + extra
 
 
-def _need_strace() -> str:
-    reason = None
-    if STRACE is None:
-        reason = "strace is not installed (apt-get install strace)"
-    else:
-        probe = subprocess.run(
-            [STRACE, "-f", "-qq", "-o", "/dev/null", "-e", "trace=fdatasync", "true"], capture_output=True, text=True
-        )
-        if probe.returncode != 0:
-            reason = f"strace cannot trace here: {probe.stderr.strip()}"
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-    assert STRACE is not None
-    return STRACE
-
-
 @dataclass
 class Template:
     """A store of 30 acknowledged commits, closed cleanly, with its audit file."""
@@ -188,12 +169,6 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
     child = run_child([str(db), "--audit", str(audit), "--base", "1000", "--commits", "30", "--tasks", "4"])
     assert child.proc.returncode == 0 and len(child.out.acked) == 30, child.summary()
     return Template(db, audit, dict(child.out.acked))
-
-
-def strace_prefix(strace: str, syscalls: str, inject: str, log: Path) -> list[str]:
-    """strace writing its trace of ``syscalls`` to ``log``, and injecting ``inject`` (if any)."""
-    injecting = ["-e", f"inject={syscalls}:{inject}"] if inject else []
-    return [strace, "-f", "-qq", "--seccomp-bpf", "-o", str(log), "-e", f"trace={syscalls}", *injecting]
 
 
 @dataclass
@@ -350,7 +325,7 @@ def test_fault_gives_a_clear_error_and_loses_nothing_acknowledged(
     fault: Fault, tmp_path: Path, template: Template
 ) -> None:
     """A failed syscall gives an AstmError naming it; afterwards the file opens with every acknowledged commit."""
-    strace = _need_strace()
+    strace = need_strace()
     when = fault.when
     if fault.syscalls == OPEN:
         opens = store_opens(strace, fault, tmp_path / "dry", template)
@@ -411,7 +386,7 @@ class FullDisk:
         if self.kind is not None:
             self.fillers = fill(self.where, leave)
             return
-        strace = _need_strace()
+        strace = need_strace()
         self.prefix = strace_prefix(strace, WRITE, f"error=ENOSPC:when={simulated_from}", self.where.parent / "strace")
 
     def free(self) -> None:

@@ -35,6 +35,13 @@ stops). Errors must be StorageErrors; after space is freed (and the server
 started again if it stopped) a fresh peer checks the ledger, and the store
 must commit again.
 
+A dropped connection at any moment: a peer commits 60 transactions under
+strace, which fails one of its event loop's socket reads (``recvfrom``) with
+ECONNRESET, at points spread over a run (found by a dry run): while it opens,
+awaits a commit's answer, follows the log, claims outbox entries. Errors must
+be StorageErrors (a drop while opening too), and a fresh peer checks the
+ledger and commits.
+
 Each variant takes about 20 seconds (8 cycles, 24 peers, most of them
 killed); ``ASTM_SOAK=1`` runs six times as many cycles.
 """
@@ -61,6 +68,7 @@ from astm.testing import Cluster
 from .disks import fill, mount_small_disk, unmount
 from .fault_child import CYCLE_SPAN
 from .fault_ledger import Child, Ledger, load_states, read_deliveries, run_child
+from .strace import need_strace, strace_prefix
 
 SOAK = bool(os.environ.get("ASTM_SOAK"))
 PEERS = 3
@@ -320,4 +328,80 @@ def _fill_the_servers_disk(cluster: Cluster, disk: Path, kind: str, left: int, t
         + (f" (first: {first_error['message'][:300]})" if first_error else "")
         + f"; the server {'had stopped' if stopped else 'kept running'}"
     )
+    assert not problems, "\n  - ".join(["", *problems])
+
+
+#: where in a peer's run its connection drops: fractions of the socket reads a run without faults makes
+DROP_AT = [0.01, 0.03, 0.06, 0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 0.97]
+DROP_ARGS = ["--commits", "60", "--tasks", "4"]
+
+
+@pytest.fixture(scope="module")
+def socket_reads(astm_postgres_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> int:
+    """How many socket reads (recvfrom) the peer's event loop thread makes in a run of DROP_ARGS."""
+    import asyncpg
+
+    strace = need_strace()
+    where = tmp_path_factory.mktemp("dry-run")
+    log = where / "strace"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(astm_postgres_cluster)
+        try:
+            await conn.execute("DROP DATABASE IF EXISTS astm_dry_run")
+            await conn.execute("CREATE DATABASE astm_dry_run")
+        finally:
+            await conn.close()
+
+    anyio.run(create)
+    dsn = urllib.parse.urlunsplit(urllib.parse.urlsplit(astm_postgres_cluster)._replace(path="/astm_dry_run"))
+    child = Child([dsn, "--audit", str(where / "audit"), "--base", "900000", *DROP_ARGS],
+                  prefix=strace_prefix(strace, "recvfrom", "", log))  # fmt: skip
+    child.finish(120)
+    assert child.proc.returncode == 0, child.summary()
+    calls: dict[str, int] = {}
+    for line in log.read_text().splitlines():
+        if "recvfrom(" in line:
+            tid = line.split()[0]
+            calls[tid] = calls.get(tid, 0) + 1
+    return max(calls.values())
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("at", DROP_AT)
+def test_a_connection_dropped_at_any_moment_loses_no_acknowledged_commit(
+    pg_dsn: str, tmp_path: Path, socket_reads: int, at: float
+) -> None:
+    """One of a committing peer's connections drops (a socket read fails with ECONNRESET, injected with
+    strace) at a point spread over its run: while a commit's answer is awaited, while it follows the log,
+    while it claims outbox entries. Every error is a StorageError (or an unknown outcome); a fresh peer
+    finds every acknowledged commit, none that raised "not committed", and the store commits again."""
+    strace = need_strace()
+    when = max(1, int(socket_reads * at))
+    audit, state_file = tmp_path / "audit.txt", tmp_path / "state.json"
+    base = 300_000 + int(at * 100) * 1000
+    inject = strace_prefix(strace, "recvfrom", f"error=ECONNRESET:when={when}", tmp_path / "strace")
+    child = Child([pg_dsn, "--audit", str(audit), "--base", str(base), *DROP_ARGS], prefix=inject)
+    child.finish(120)
+    injected = "(INJECTED)" in (tmp_path / "strace").read_text()
+    ledger = Ledger()
+    ledger.take(child.out)
+    problems = []
+    if not injected:
+        problems.append(f"strace injected nothing at read {when} of {socket_reads}")
+    unclear = [f"{x}: {e['type']}: {e['message']}" for x, e in child.out.errors.items() if not _a_storage_error(e)]
+    if unclear:
+        problems.append(f"errors that are not a StorageError: {unclear[:3]}")
+    if child.out.fatal is not None and not _a_storage_error(child.out.fatal):
+        problems.append(f"the peer failed: {child.summary()}")
+    checker = run_child([pg_dsn, "--audit", str(audit), "--state", str(state_file), "--base", str(base + 500),
+                         "--commits", "5", "--tasks", "1"])  # fmt: skip
+    states = load_states(state_file)
+    if not states or checker.out.fatal is not None or len(checker.out.acked) != 5:
+        problems.append(f"the checking peer failed: {checker.summary()}")
+    for state in states:
+        problems += ledger.check(state, read_deliveries(audit, state["audit_size"]))
+    print(f"read {when} of {socket_reads}: {child.summary()}")
+    if child.out.fatal is not None:
+        print(child.out.fatal["traceback"])
     assert not problems, "\n  - ".join(["", *problems])

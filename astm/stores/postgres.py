@@ -588,12 +588,22 @@ class PostgresStorage:
                 async with self.pool.acquire() as conn:
                     await self._schema(conn)
                     t = int(await conn.fetchval("SELECT value FROM astm_meta WHERE key = 't'"))
+        except _connection_errors() as exc:
+            await self._close_pools()
+            raise StorageError(
+                self.where(),
+                f"the connection to PostgreSQL was lost while opening the store ({exc!r})",
+                "open it again once the server answers",
+            ) from exc
         except BaseException:
             await self._close_pools()
             raise
         with self.timeline.lock:
             self.host._install(t, [])
-        await self._listen()
+        try:
+            await self._listen()
+        except _connection_errors() as exc:  # the follower polls the log, and connects its listener later
+            log.warning("astm peer: cannot listen for commits yet (%r); following the log by polling", exc)
         if on_replica:
             # opened at the replica's basis, which may lag: catch up with the primary's t (read after
             # LISTEN, so nothing later goes unannounced) before the open returns, so that a peer never opens
@@ -860,6 +870,9 @@ class PostgresStorage:
             self._can_listen = False
             log.warning("astm peer: LISTEN is not available (%s); following the log by polling", exc)
             return
+        except BaseException:
+            conn.terminate()
+            raise
         self._listener = conn
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
