@@ -37,7 +37,9 @@ def need_strace() -> str:
     return STRACE
 
 
-def strace_prefix(strace: str, syscalls: str, inject: str, log: Path) -> list[str]:
-    """strace writing its trace of ``syscalls`` to ``log``, and injecting ``inject`` (if any)."""
+def strace_prefix(strace: str, syscalls: str, inject: str, log: Path, paths: bool = False) -> list[str]:
+    """strace writing its trace of ``syscalls`` to ``log`` (with ``paths``, each descriptor's file), and
+    injecting ``inject`` (if any)."""
     injecting = ["-e", f"inject={syscalls}:{inject}"] if inject else []
-    return [strace, "-f", "-qq", "--seccomp-bpf", "-o", str(log), "-e", f"trace={syscalls}", *injecting]
+    naming = ["-y"] if paths else []
+    return [strace, "-f", "-qq", *naming, "--seccomp-bpf", "-o", str(log), "-e", f"trace={syscalls}", *injecting]

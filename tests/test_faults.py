@@ -7,7 +7,11 @@ the store's files (its own output goes through writev, and PYTHONDONTWRITEBYTECO
 keeps .pyc writes out), so N counts the store's calls, including those on a
 temporary file the store may create. ``openat`` case N is the Nth openat of
 a file in the store's directory by the thread that opens the store (imports
-open hundreds of others; a dry run of the phase finds which call that is). strace counts
+open hundreds of others; a dry run of the phase finds which call that is), and
+``pread64`` case N likewise the Nth read of the store's files by that thread
+(the dynamic loader reads libc with pread64 first; SQLite reports some pages
+it failed to read as "database disk image is malformed", which counts as
+naming the cause there). strace counts
 calls per thread, so ``when=N`` hits the Nth call of the thread that opens the
 store and the Nth call of the store's writer thread. On Linux, SQLite syncs
 with fdatasync and writes with pwrite64 (fsync and write are not used: a dry
@@ -66,12 +70,16 @@ SOAK = bool(os.environ.get("ASTM_SOAK"))
 SYNC = "fsync,fdatasync"
 WRITE = "write,pwrite64"
 OPEN = "openat"
+#: SQLite reads its pages with pread64; Python's imports read with read, so they are not hit
+READ = "pread64"
 
 #: what an error's message must mention: the failure (SQLite reports a failed fdatasync as a disk I/O error)
 #: and one it cannot open for writing as a readonly database
 CAUSE = re.compile(
     r"I/O error|Input/output error|disk is full|No space left|unable to open|readonly database", re.IGNORECASE
 )
+#: for failed reads, also SQLite's own report of a page it could not read: "database disk image is malformed"
+CAUSE_OF_READS = re.compile(CAUSE.pattern + "|malformed", re.IGNORECASE)
 UNKNOWN = re.compile(r"\bunknown\b|may or may not|may (?:still )?have (?:been )?committed", re.IGNORECASE)
 NOT_COMMITTED = re.compile(
     r"not committed|was not written|never written|did not commit|nothing was committed|rolled back", re.IGNORECASE
@@ -87,7 +95,7 @@ class Fault:
 
     @property
     def id(self) -> str:
-        label = {SYNC: "fdatasync", WRITE: "pwrite64", OPEN: "openat"}[self.syscalls]
+        label = {SYNC: "fdatasync", WRITE: "pwrite64", OPEN: "openat", READ: "pread64"}[self.syscalls]
         return f"{self.phase}-{label}-{self.error}-{self.when}"
 
 
@@ -122,6 +130,8 @@ CASES = [
     _case("stream", SYNC, "ENOSPC", 6),
     *(_case("stream", WRITE, "EIO", n) for n in (30, 45, 60)),
     *(_case("stream", WRITE, "ENOSPC", n) for n in (40, "40+")),
+    *(_case("open", READ, "EIO", n) for n in (1, 2, 4, 8, 12, "8+")),
+    *(_case("stream", READ, "EIO", n) for n in (2, 8, 12, "8+")),
 ]
 
 #: ASTM_SOAK=1 adds these call counts (unmarked: a soak run is for finding failures)
@@ -202,28 +212,33 @@ def prepare(fault: Fault, where: Path, template: Template) -> Setup:
     return Setup(db, audit, where / "state.json", args, env, ledger)
 
 
-#: phase -> the numbers of the opening thread's openat calls that open something in the store's directory
-_STORE_OPENS: dict[str, list[int]] = {}
+#: (phase, syscall) -> the numbers of the opening thread's calls that are on the store's files
+_STORE_CALLS: dict[tuple[str, str], list[int]] = {}
 
 
-def store_opens(strace: str, fault: Fault, where: Path, template: Template) -> list[int]:
-    """Which openat calls of the thread that opens the store are on the store's files (one dry run per phase).
+def store_calls(strace: str, fault: Fault, where: Path, template: Template) -> list[int]:
+    """Which calls of the fault's syscall by the thread that opens the store are on the store's files (one
+    dry run per phase and syscall).
 
-    Imports open hundreds of files, so ``openat`` case N is the Nth call on the
-    store's directory (a temporary file the store may create included), found
-    by tracing the phase once without a fault.
+    Imports open hundreds of files, and the dynamic loader reads libc with
+    pread64 before Python starts, so ``openat`` and ``pread64`` case N is the
+    Nth such call on the store's directory (a temporary file the store may
+    create included), found by tracing the phase once without a fault
+    (``strace -y`` names the file of each descriptor).
     """
-    if fault.phase not in _STORE_OPENS:
+    key = (fault.phase, fault.syscalls)
+    if key not in _STORE_CALLS:
         setup = prepare(fault, where, template)
         log = where / "dry-run.strace"
-        dry = Child(setup.args, setup.env, prefix=strace_prefix(strace, OPEN, "", log))
+        dry = Child(setup.args, setup.env, prefix=strace_prefix(strace, fault.syscalls, "", log, paths=True))
         dry.finish(120)
         lines = log.read_text().splitlines()
         main = lines[0].split()[0]
-        calls = [line for line in lines if line.split()[0] == main and "openat(" in line.split(maxsplit=1)[1][:7]]
-        prefix = f'"{setup.db.parent}/'
-        _STORE_OPENS[fault.phase] = [i for i, line in enumerate(calls, 1) if prefix in line]
-    return _STORE_OPENS[fault.phase]
+        name = f"{fault.syscalls}("
+        calls = [line for line in lines if line.split()[0] == main and line.split(maxsplit=1)[1].startswith(name)]
+        inside = f"{setup.db.parent}/"
+        _STORE_CALLS[key] = [i for i, line in enumerate(calls, 1) if inside in line]
+    return _STORE_CALLS[key]
 
 
 def wal_mode(db: Path) -> bool:
@@ -327,12 +342,12 @@ def test_fault_gives_a_clear_error_and_loses_nothing_acknowledged(
     """A failed syscall gives an AstmError naming it; afterwards the file opens with every acknowledged commit."""
     strace = need_strace()
     when = fault.when
-    if fault.syscalls == OPEN:
-        opens = store_opens(strace, fault, tmp_path / "dry", template)
-        k = int(when)
-        if k > len(opens):
-            pytest.skip(f"the store's opening made only {len(opens)} openat calls on its files, not {k}")
-        when = str(opens[k - 1])
+    if fault.syscalls in (OPEN, READ):
+        calls = store_calls(strace, fault, tmp_path / "dry", template)
+        k = int(when.rstrip("+"))
+        if k > len(calls):
+            pytest.skip(f"the opening thread made only {len(calls)} {fault.syscalls} calls on the store, not {k}")
+        when = str(calls[k - 1]) + ("+" if when.endswith("+") else "")
     setup = prepare(fault, tmp_path, template)
     db, audit, state_file, ledger, env = setup.db, setup.audit, setup.state, setup.ledger, setup.env
     log = tmp_path / "strace"
@@ -353,7 +368,7 @@ def test_fault_gives_a_clear_error_and_loses_nothing_acknowledged(
         )
     if rc not in (0, 3):
         problems.append(f"the child ended with status {rc}: {child.summary()}")
-    problems += error_problems(child.out, child.stderr, CAUSE)
+    problems += error_problems(child.out, child.stderr, CAUSE_OF_READS if fault.syscalls == READ else CAUSE)
     after, states = check_afterwards(db, audit, state_file, ledger, env)
     problems += after
     problems += outcome_problems(child.out, states, fault.syscalls == SYNC)

@@ -39,6 +39,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -98,6 +99,8 @@ def read_only(path: str) -> sqlite3.Connection:
         raise StorageError(path, f"cannot open the file ({exc})", "check its permissions") from exc
     try:
         ok = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if ok != "ok" and _io_failure(ok):
+            raise StorageError(path, f"reading the file failed with an I/O error ({ok})", _IO_FIX)
         if ok != "ok":
             raise StorageError(path, f"the file is corrupt ({ok})", "restore it from a backup")
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -116,8 +119,24 @@ def read_only(path: str) -> sqlite3.Connection:
         raise
     except (sqlite3.Error, ValueError) as exc:
         conn.close()
+        if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", 0) & 0xFF == _SQLITE_IOERR:
+            raise StorageError(path, f"reading the file failed with an I/O error ({exc})", _IO_FIX) from exc
         raise StorageError(path, f"not a readable SQLite database ({exc})", "restore it from a backup") from exc
     return conn
+
+
+#: SQLite's primary result code of every I/O error (its extended codes keep it in the low byte)
+_SQLITE_IOERR = 10
+_IO_FIX = (
+    "the file itself may well be intact: check the disk (dmesg, smartctl), then open the store again; "
+    "if reading keeps failing, restore it from a backup"
+)
+
+
+def _io_failure(report: str) -> bool:
+    """Whether an integrity check's report is of pages it could not read (an I/O error), not of bad pages."""
+    codes = [int(c) for c in re.findall(r"error code=(\d+)", report)]
+    return bool(codes) and all(code & 0xFF == _SQLITE_IOERR for code in codes)
 
 
 def _wal(conn: sqlite3.Connection, path: str) -> None:
@@ -597,7 +616,8 @@ class SqliteStorage:
             self.path,
             f"writing to the file failed earlier ({self.failed!r}), so the store accepts no more commits; "
             "this transaction was not committed",
-            "fix the cause (disk space, permissions) and open the store again; acknowledged commits are safe",
+            "fix the cause (disk space, permissions, a failing disk) and open the store again; "
+            "acknowledged commits are safe",
         )
 
     async def wait_durable(self, t: int) -> None:
@@ -623,14 +643,14 @@ class SqliteStorage:
                 self.path,
                 f"writing commit t={t} to the file failed ({self.failed!r}): its outcome is unknown, it may or may "
                 "not be there after the store is reopened",
-                "the store accepts no more commits; fix the cause (disk space, permissions), reopen it and read "
-                "the state before running the transaction again",
+                "the store accepts no more commits; fix the cause (disk space, permissions, a failing disk), "
+                "reopen it and read the state before running the transaction again",
             )
         raise StorageError(
             self.path,
             f"commit t={t} was not written: writing an earlier commit failed ({self.failed!r}); "
             "it was not committed and will not be there after the store is reopened",
-            "fix the cause (disk space, permissions) and reopen the store",
+            "fix the cause (disk space, permissions, a failing disk) and reopen the store",
         )
 
     def close(self) -> None:
