@@ -714,6 +714,34 @@ class TestFollowing:
             warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
             assert len(warned) == 1 and warned[0].startswith("astm peer: a notification's rows could not be read")
 
+    async def test_a_lost_server_is_logged_once_not_at_every_attempt(
+        self, pg_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """While the server is lost the follower retries every fraction of a second, but says so in one line
+        (then at most once per LOST_LOG_SECONDS, with a count), and once more when it reaches it again."""
+        from astm.stores import postgres
+
+        async with astm.Store(pg_dsn) as store:
+            peer = store._peer
+            assert peer is not None
+            real = peer.catch_up
+            failing = [True]
+
+            async def catch_up(upto: int | None = None) -> None:
+                if failing[0]:
+                    raise ConnectionRefusedError(111, "Connect call failed")
+                await real(upto)
+
+            monkeypatch.setattr(peer, "catch_up", catch_up)
+            monkeypatch.setattr(postgres, "POLL_SECONDS", 0.02)
+            with caplog.at_level(logging.WARNING, logger="astm"):
+                await anyio.sleep(1.5)
+                failing[0] = False
+                await anyio.sleep(0.5)
+            lines = [r.getMessage() for r in caplog.records]
+            assert sum("lost PostgreSQL" in line for line in lines) == 1, lines
+            assert sum("reached PostgreSQL again" in line for line in lines) == 1, lines
+
     async def test_without_listen_the_peer_polls(self, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
         """Where LISTEN is refused (a pooler in transaction mode), a peer still follows, by polling."""
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sys
 import time
 import uuid
@@ -80,6 +81,8 @@ log = logging.getLogger("astm")
 SCHEMA_VERSION = 8
 CHANNEL = "astm_commits"
 POLL_SECONDS = 1.0
+#: while the server is lost, the follower says so at most once per this many seconds
+LOST_LOG_SECONDS = 10.0
 OUTBOX_POLL_SECONDS = 0.2
 #: a claim the server refuses is logged at most once per this many seconds per peer
 CLAIM_REFUSED_LOG_SECONDS = 10.0
@@ -966,6 +969,10 @@ class PostgresStorage:
         errors = _connection_errors()
         unannounced = 0
         last_trim = time.monotonic()
+        #: while the server is lost: when that was last logged, and the failed attempts since
+        lost_logged = -math.inf
+        lost_attempts = 0
+        lost = False
         try:
             while not self._closing:
                 poll = POLL_SECONDS if self._can_listen else FALLBACK_POLL_SECONDS
@@ -1000,8 +1007,17 @@ class PostgresStorage:
                     if time.monotonic() - last_trim > TRIM_SECONDS:
                         last_trim = time.monotonic()
                         await self._trim()
+                    if lost:
+                        lost = False
+                        log.warning("astm peer reached PostgreSQL again")
                 except errors as exc:
-                    log.warning("astm peer lost PostgreSQL (%s); reconnecting", exc)
+                    lost = True
+                    lost_attempts += 1
+                    if time.monotonic() - lost_logged >= LOST_LOG_SECONDS:  # one line, not one per attempt
+                        again = f" ({lost_attempts} attempts failed since the last line)" if lost_attempts > 1 else ""
+                        log.warning("astm peer lost PostgreSQL (%s); reconnecting%s", exc, again)
+                        lost_logged = time.monotonic()
+                        lost_attempts = 0
                     if self._listener is not None:
                         self._listener.terminate()
                         self._listener = None
