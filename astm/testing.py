@@ -75,11 +75,12 @@ class Cluster:
         self.dsn = f"postgresql://astm@127.0.0.1:{port}/astm"
         return self
 
-    def _run(self, argv: list[str | None]) -> None:
+    def _run(self, argv: list[str | None], check: bool = True) -> int:
+        """Run one of PostgreSQL's programs (as the ``postgres`` OS user when root); its exit status."""
         cmd = [str(a) for a in argv]
         if self.as_postgres:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        return subprocess.run(cmd, check=check, capture_output=True, timeout=120).returncode
 
     def start(self) -> None:
         opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c max_connections=200 -c fsync=on"
@@ -90,10 +91,7 @@ class Cluster:
 
     def running(self) -> bool:
         """Whether the server is up (``pg_ctl status``): it may have stopped by itself, say on a full disk."""
-        cmd = [str(_bin("pg_ctl")), "-D", str(self.data), "status"]
-        if self.as_postgres:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
+        return self._run([_bin("pg_ctl"), "-D", str(self.data), "status"], check=False) == 0
 
     def destroy(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):  # already stopped

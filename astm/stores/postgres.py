@@ -439,6 +439,26 @@ def _server_said(exc: BaseException) -> str:
     return " ".join(parts) + (f" [SQLSTATE {code}]" if code else "")
 
 
+class _Throttle:
+    """At most one log line per ``seconds``; counts the lines held back in between."""
+
+    __slots__ = ("held", "last", "seconds")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.last = -math.inf
+        self.held = 0
+
+    def due(self) -> int | None:
+        """None: hold this line back; else how many were held back since the last line (which this is)."""
+        now = time.monotonic()
+        if now - self.last < self.seconds:
+            self.held += 1
+            return None
+        held, self.held, self.last = self.held, 0, now
+        return held
+
+
 async def _no_reset(conn: Any) -> None:
     """Nothing to reset on a pooled connection (asyncpg still rolls back a transaction left open)."""
 
@@ -969,10 +989,8 @@ class PostgresStorage:
         errors = _connection_errors()
         unannounced = 0
         last_trim = time.monotonic()
-        #: while the server is lost: when that was last logged, and the failed attempts since
-        lost_logged = -math.inf
-        lost_attempts = 0
-        lost = False
+        lost = False  # the server, since the last attempt that reached it
+        lost_log = _Throttle(LOST_LOG_SECONDS)
         try:
             while not self._closing:
                 poll = POLL_SECONDS if self._can_listen else FALLBACK_POLL_SECONDS
@@ -1012,12 +1030,10 @@ class PostgresStorage:
                         log.warning("astm peer reached PostgreSQL again")
                 except errors as exc:
                     lost = True
-                    lost_attempts += 1
-                    if time.monotonic() - lost_logged >= LOST_LOG_SECONDS:  # one line, not one per attempt
-                        again = f" ({lost_attempts} attempts failed since the last line)" if lost_attempts > 1 else ""
+                    held = lost_log.due()  # one line, not one per attempt
+                    if held is not None:
+                        again = f" ({held} more attempts failed since the last line)" if held else ""
                         log.warning("astm peer lost PostgreSQL (%s); reconnecting%s", exc, again)
-                        lost_logged = time.monotonic()
-                        lost_attempts = 0
                     if self._listener is not None:
                         self._listener.terminate()
                         self._listener = None
@@ -1298,30 +1314,27 @@ class PostgresStorage:
                 if self.timeline.t < t:
                     await self._catch_up_to(t, source="primary")  # the newest commits: the primary has them
                 return
-            except errors as exc:
-                if time.monotonic() > deadline:
-                    if not committed:
-                        raise StorageError(
-                            self.where(),
-                            f"the transaction conflicted with commits up to t={t}, so it was not committed, and "
-                            f"this peer cannot read them to run it again ({exc!r})",
-                            "it is safe to run it again once the server answers",
-                        ) from exc
-                    raise CommittedNotApplied(
-                        self.where(),
-                        f"committed at t={t}, but this peer cannot read the log to apply it ({exc!r})",
-                        "the commit is durable: do not run the transaction again; this peer shows it once the "
-                        f"server is reachable (await store.sync({t}))",
-                        t,
-                    ) from exc
-                await anyio.sleep(0.1)
-            except Exception as exc:  # the commit stands whatever applying it here met: never "not committed"
+            except Exception as exc:
+                lost = isinstance(exc, errors)
+                if lost and time.monotonic() <= deadline:
+                    await anyio.sleep(0.1)
+                    continue
                 if not committed:
-                    raise
+                    if not lost:
+                        raise
+                    raise StorageError(
+                        self.where(),
+                        f"the transaction conflicted with commits up to t={t}, so it was not committed, and "
+                        f"this peer cannot read them to run it again ({exc!r})",
+                        "it is safe to run it again once the server answers",
+                    ) from exc
+                # the commit stands whatever applying it here met: never "not committed"
+                failed = "cannot read the log to apply it" if lost else "failed to apply the log up to it"
                 raise CommittedNotApplied(
                     self.where(),
-                    f"committed at t={t}, but applying the log up to it failed ({exc})",
-                    "the commit is durable: do not run the transaction again",
+                    f"committed at t={t}, but this peer {failed} ({exc!r})",
+                    "the commit is durable: do not run the transaction again; this peer shows it once it can "
+                    f"read the log (await store.sync({t}))",
                     t,
                 ) from exc
 
@@ -1663,8 +1676,8 @@ class PostgresOutbox:
 
     def __init__(self, peer: PostgresStorage) -> None:
         self._peer = peer
-        #: when a refused claim was last logged (the dispatcher claims every OUTBOX_POLL_SECONDS)
-        self._refused_logged = 0.0
+        #: refused claims are logged rarely (the dispatcher claims every OUTBOX_POLL_SECONDS)
+        self._refused_log = _Throttle(CLAIM_REFUSED_LOG_SECONDS)
 
     def committed(self, t: int, entries: list[tuple[str, Any, Hashable | None]]) -> None:
         return None  # committed with the transaction; the dispatcher's kick claims them
@@ -1682,9 +1695,7 @@ class PostgresOutbox:
             return []
         except asyncpg.PostgresError as exc:
             # a full disk, a lock timeout: nothing was claimed, and the dispatcher must live on to claim again
-            now = time.monotonic()
-            if now - self._refused_logged >= CLAIM_REFUSED_LOG_SECONDS:
-                self._refused_logged = now
+            if self._refused_log.due() is not None:
                 log.warning("astm outbox: PostgreSQL refused to claim due entries (%s); retrying", _server_said(exc))
             return []
         return [

@@ -99,9 +99,9 @@ def read_only(path: str) -> sqlite3.Connection:
         raise StorageError(path, f"cannot open the file ({exc})", "check its permissions") from exc
     try:
         ok = conn.execute("PRAGMA quick_check").fetchone()[0]
-        if ok != "ok" and _io_failure(ok):
-            raise StorageError(path, f"reading the file failed with an I/O error ({ok})", _IO_FIX)
         if ok != "ok":
+            if _io_failure(ok):
+                raise StorageError(path, f"reading the file failed with an I/O error ({ok})", _IO_FIX)
             raise StorageError(path, f"the file is corrupt ({ok})", "restore it from a backup")
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "astm_meta" not in tables:
